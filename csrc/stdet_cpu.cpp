@@ -1,0 +1,231 @@
+// C++ CPU kernels of the STDET ops: reconstruction, its backward, reconstruction fused with the SMA
+// update, and the multi-tensor moving average. Parallel with ATen's OpenMP pool; the inner loops are
+// branch-free and contiguous so the compiler can vectorise them.
+//
+// The Python layer (stdet_kernels) validates arguments and makes inputs contiguous; the checks here
+// only guard memory safety.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/extension.h>
+
+#include <array>
+#include <vector>
+
+#include "stdet_element.h"
+
+namespace {
+
+// Elements per grain of the element-wise loops.
+constexpr int64_t kGrain = 1 << 15;
+// Elements per partial sum of the refs gradient. Fixed (not per thread) so the result does not
+// depend on the number of threads.
+constexpr int64_t kReduceChunk = 1 << 14;
+
+using RefTable = std::array<float, stdet::kTableSize>;
+
+void check_contiguous_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+RefTable make_ref_table(const at::Tensor& refs) {
+  TORCH_CHECK(refs.dim() == 1, "refs: expected a 1-D tensor, got ", refs.dim(), " dimensions");
+  TORCH_CHECK(refs.numel() <= stdet::kDummy, "refs: at most ", int(stdet::kDummy),
+              " modes, got ", refs.numel());
+  RefTable table{};
+  const at::Tensor refs_f32 = refs.to(at::kFloat).contiguous();
+  const float* src = refs_f32.data_ptr<float>();
+  for (int64_t m = 0; m < refs_f32.numel(); ++m) table[m] = src[m];
+  return table;
+}
+
+void check_elementwise(const at::Tensor& value, const at::Tensor& code, const at::Tensor& a,
+                       const at::Tensor& b) {
+  check_contiguous_cpu(value, "value");
+  check_contiguous_cpu(code, "code");
+  check_contiguous_cpu(a, "a");
+  check_contiguous_cpu(b, "b");
+  TORCH_CHECK(code.scalar_type() == at::kByte, "code: expected uint8");
+  TORCH_CHECK(code.numel() == value.numel() && a.numel() == value.numel() &&
+                  b.numel() == value.numel(),
+              "value, code, a, b: expected the same number of elements");
+  TORCH_CHECK(a.scalar_type() == value.scalar_type() && b.scalar_type() == value.scalar_type(),
+              "a, b: expected the dtype of value");
+}
+
+// w[i] (and, when kWithAverage, sma[i] += alpha * (w[i] - sma[i])) for i in [begin, end).
+template <typename scalar_t, bool kWithAverage>
+void reconstruct_range(const scalar_t* __restrict__ value, const uint8_t* __restrict__ code,
+                       const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                       const RefTable& table, scalar_t* __restrict__ out,
+                       scalar_t* __restrict__ sma, float alpha, int64_t begin, int64_t end) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const uint8_t c = code[i];
+    const float w = stdet::reconstruct_element(c, static_cast<float>(value[i]),
+                                               static_cast<float>(a[i]),
+                                               static_cast<float>(b[i]), table[c]);
+    out[i] = static_cast<scalar_t>(w);
+    if constexpr (kWithAverage) {
+      sma[i] = static_cast<scalar_t>(
+          stdet::moving_average(static_cast<float>(sma[i]), w, alpha));
+    }
+  }
+}
+
+// dL/dvalue for [begin, end), and that range's sum of a * grad for each of the num_modes modes.
+template <typename scalar_t>
+void backward_chunk(const scalar_t* __restrict__ grad, const uint8_t* __restrict__ code,
+                    const scalar_t* __restrict__ a, scalar_t* __restrict__ grad_value,
+                    float* __restrict__ partial, int64_t num_modes, int64_t begin, int64_t end) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    grad_value[i] = static_cast<scalar_t>(stdet::value_grad(code[i], static_cast<float>(grad[i])));
+  }
+  if (num_modes == 0) return;
+  std::array<float, stdet::kTableSize> by_code{};
+  for (int64_t i = begin; i < end; ++i) {
+    const uint8_t c = code[i];
+    by_code[c] += stdet::ref_grad_contribution(c, static_cast<float>(a[i]),
+                                               static_cast<float>(grad[i]));
+  }
+  std::copy(by_code.begin(), by_code.begin() + num_modes, partial);
+}
+
+template <typename scalar_t>
+void lerp_range(scalar_t* __restrict__ average, const scalar_t* __restrict__ sample, float alpha,
+                int64_t begin, int64_t end) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    average[i] = static_cast<scalar_t>(stdet::moving_average(
+        static_cast<float>(average[i]), static_cast<float>(sample[i]), alpha));
+  }
+}
+
+template <bool kWithAverage>
+at::Tensor reconstruct_impl(const at::Tensor& value, const at::Tensor& code, const at::Tensor& a,
+                            const at::Tensor& b, const at::Tensor& refs, at::Tensor* sma,
+                            double alpha) {
+  check_elementwise(value, code, a, b);
+  const RefTable table = make_ref_table(refs);
+  at::Tensor out = at::empty(value.sizes(), value.options());
+  const int64_t n = value.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "reconstruct",
+                                  [&] {
+    scalar_t* sma_ptr = nullptr;
+    if constexpr (kWithAverage) sma_ptr = sma->data_ptr<scalar_t>();
+    const scalar_t* value_ptr = value.data_ptr<scalar_t>();
+    const uint8_t* code_ptr = code.data_ptr<uint8_t>();
+    const scalar_t* a_ptr = a.data_ptr<scalar_t>();
+    const scalar_t* b_ptr = b.data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    const float alpha_f = static_cast<float>(alpha);
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      reconstruct_range<scalar_t, kWithAverage>(value_ptr, code_ptr, a_ptr, b_ptr, table,
+                                                out_ptr, sma_ptr, alpha_f, begin, end);
+    });
+  });
+  return out;
+}
+
+at::Tensor reconstruct(const at::Tensor& value, const at::Tensor& code, const at::Tensor& a,
+                       const at::Tensor& b, const at::Tensor& refs) {
+  return reconstruct_impl<false>(value, code, a, b, refs, nullptr, 0.0);
+}
+
+at::Tensor reconstruct_sma_(const at::Tensor& value, const at::Tensor& code, const at::Tensor& a,
+                            const at::Tensor& b, const at::Tensor& refs, at::Tensor sma,
+                            double alpha) {
+  check_contiguous_cpu(sma, "sma");
+  TORCH_CHECK(sma.scalar_type() == value.scalar_type() && sma.numel() == value.numel(),
+              "sma: expected the dtype and number of elements of value");
+  return reconstruct_impl<true>(value, code, a, b, refs, &sma, alpha);
+}
+
+// Returns (dL/dvalue, dL/drefs). dL/drefs is reduced per fixed chunk into float partial sums, then
+// the partials are added in chunk order: deterministic for any thread count.
+std::tuple<at::Tensor, at::Tensor> reconstruct_backward(const at::Tensor& grad,
+                                                        const at::Tensor& code,
+                                                        const at::Tensor& a,
+                                                        const at::Tensor& refs) {
+  check_contiguous_cpu(grad, "grad");
+  check_contiguous_cpu(code, "code");
+  check_contiguous_cpu(a, "a");
+  TORCH_CHECK(code.numel() == grad.numel() && a.numel() == grad.numel(),
+              "grad, code, a: expected the same number of elements");
+  TORCH_CHECK(refs.dim() == 1, "refs: expected a 1-D tensor");
+  const int64_t n = grad.numel();
+  const int64_t num_modes = refs.numel();
+  const int64_t num_chunks = (n + kReduceChunk - 1) / kReduceChunk;
+  at::Tensor grad_value = at::empty(grad.sizes(), grad.options());
+  std::vector<float> partials(static_cast<size_t>(num_chunks * num_modes), 0.0f);
+
+  TORCH_CHECK(a.scalar_type() == grad.scalar_type(), "a: expected the dtype of grad");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "reconstruct_backward", [&] {
+    const scalar_t* grad_ptr = grad.data_ptr<scalar_t>();
+    const uint8_t* code_ptr = code.data_ptr<uint8_t>();
+    const scalar_t* a_ptr = a.data_ptr<scalar_t>();
+    scalar_t* grad_value_ptr = grad_value.data_ptr<scalar_t>();
+    at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        backward_chunk<scalar_t>(grad_ptr, code_ptr, a_ptr, grad_value_ptr,
+                                 partials.data() + chunk * num_modes, num_modes,
+                                 chunk * kReduceChunk, std::min(n, (chunk + 1) * kReduceChunk));
+      }
+    });
+  });
+
+  at::Tensor grad_refs_f32 = at::zeros({num_modes}, grad.options().dtype(at::kFloat));
+  float* grad_refs_ptr = grad_refs_f32.data_ptr<float>();
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    for (int64_t m = 0; m < num_modes; ++m) grad_refs_ptr[m] += partials[chunk * num_modes + m];
+  }
+  return {grad_value, grad_refs_f32.to(refs.scalar_type())};
+}
+
+// averages[k] += alpha * (samples[k] - averages[k]) for every k, in one parallel region over all
+// the tensors' elements.
+void lerp_(std::vector<at::Tensor> averages, const std::vector<at::Tensor>& samples,
+           double alpha) {
+  TORCH_CHECK(averages.size() == samples.size(), "averages, samples: expected lists of one length");
+  struct Piece {
+    size_t tensor;
+    int64_t begin;
+    int64_t end;
+  };
+  std::vector<Piece> pieces;
+  for (size_t k = 0; k < averages.size(); ++k) {
+    check_contiguous_cpu(averages[k], "averages");
+    check_contiguous_cpu(samples[k], "samples");
+    TORCH_CHECK(averages[k].scalar_type() == samples[k].scalar_type() &&
+                    averages[k].numel() == samples[k].numel(),
+                "averages[", k, "], samples[", k, "]: expected one dtype and size");
+    for (int64_t begin = 0; begin < averages[k].numel(); begin += kGrain) {
+      pieces.push_back({k, begin, std::min(averages[k].numel(), begin + kGrain)});
+    }
+  }
+  const float alpha_f = static_cast<float>(alpha);
+  at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) {
+      const Piece& piece = pieces[p];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16,
+                                      averages[piece.tensor].scalar_type(), "lerp_", [&] {
+        lerp_range<scalar_t>(averages[piece.tensor].data_ptr<scalar_t>(),
+                             samples[piece.tensor].data_ptr<scalar_t>(), alpha_f, piece.begin,
+                             piece.end);
+      });
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "STDET ops, C++ CPU kernels";
+  m.def("reconstruct", &reconstruct, "w = value | b | a * refs[code] + b, by code");
+  m.def("reconstruct_sma_", &reconstruct_sma_, "reconstruct, and sma += alpha * (w - sma)");
+  m.def("reconstruct_backward", &reconstruct_backward, "(dL/dvalue, dL/drefs) from dL/dw");
+  m.def("lerp_", &lerp_, "averages[k] += alpha * (samples[k] - averages[k])");
+}

@@ -1,0 +1,254 @@
+// CUDA kernels of the STDET ops. The per-element arithmetic lives in stdet_element.h (tested on the
+// CPU through the C++ extension); this file only adds indexing, launch configuration and the
+// deterministic per-mode reduction of the refs gradient. No float atomics anywhere.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "stdet_element.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+// Elements per tile of the backward pass; each tile writes one partial sum per mode.
+constexpr int kTile = 1024;
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+int blocks_for(int64_t n) {
+  const int64_t wanted = (n + kThreads - 1) / kThreads;
+  const int64_t cap = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  return static_cast<int>(std::max<int64_t>(1, std::min(wanted, cap)));
+}
+
+// Fills a shared table: refs[m] for m < num_modes, 0 for every other code.
+__device__ void load_ref_table(float* table, const float* refs, int num_modes) {
+  for (int c = threadIdx.x; c < stdet::kTableSize; c += blockDim.x) {
+    table[c] = c < num_modes ? refs[c] : 0.0f;
+  }
+  __syncthreads();
+}
+
+template <typename scalar_t, bool kWithAverage>
+__global__ void reconstruct_kernel(const scalar_t* __restrict__ value,
+                                   const uint8_t* __restrict__ code,
+                                   const scalar_t* __restrict__ a,
+                                   const scalar_t* __restrict__ b,
+                                   const float* __restrict__ refs, int num_modes,
+                                   scalar_t* __restrict__ out, scalar_t* __restrict__ sma,
+                                   float alpha, int64_t n) {
+  __shared__ float table[stdet::kTableSize];
+  load_ref_table(table, refs, num_modes);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const uint8_t c = code[i];
+    const float w = stdet::reconstruct_element(c, static_cast<float>(value[i]),
+                                               static_cast<float>(a[i]),
+                                               static_cast<float>(b[i]), table[c]);
+    out[i] = static_cast<scalar_t>(w);
+    if constexpr (kWithAverage) {
+      sma[i] = static_cast<scalar_t>(stdet::moving_average(static_cast<float>(sma[i]), w, alpha));
+    }
+  }
+}
+
+// One block per tile: dL/dvalue for the tile's elements, and the tile's partial sum of
+// a * grad for every mode. Thread t sums mode t (t + blockDim, ...) over the tile in element
+// order, so the partial sums do not depend on scheduling.
+template <typename scalar_t>
+__global__ void reconstruct_backward_kernel(const scalar_t* __restrict__ grad,
+                                            const uint8_t* __restrict__ code,
+                                            const scalar_t* __restrict__ a,
+                                            scalar_t* __restrict__ grad_value,
+                                            float* __restrict__ partials, int num_modes,
+                                            int64_t n) {
+  __shared__ uint8_t tile_code[kTile];
+  __shared__ float tile_contribution[kTile];
+  const int64_t tile_begin = static_cast<int64_t>(blockIdx.x) * kTile;
+  for (int j = threadIdx.x; j < kTile; j += blockDim.x) {
+    const int64_t i = tile_begin + j;
+    uint8_t c = stdet::kFree;
+    float contribution = 0.0f;
+    if (i < n) {
+      c = code[i];
+      const float g = static_cast<float>(grad[i]);
+      grad_value[i] = static_cast<scalar_t>(stdet::value_grad(c, g));
+      contribution = stdet::ref_grad_contribution(c, static_cast<float>(a[i]), g);
+    }
+    tile_code[j] = c;
+    tile_contribution[j] = contribution;
+  }
+  __syncthreads();
+  for (int m = threadIdx.x; m < num_modes; m += blockDim.x) {
+    float sum = 0.0f;
+    for (int j = 0; j < kTile; ++j) sum += tile_code[j] == m ? tile_contribution[j] : 0.0f;
+    partials[static_cast<int64_t>(blockIdx.x) * num_modes + m] = sum;
+  }
+}
+
+// grad_refs[m] = sum over tiles of partials[tile, m], tiles in order.
+__global__ void sum_partials_kernel(const float* __restrict__ partials, int64_t num_tiles,
+                                    int num_modes, float* __restrict__ grad_refs) {
+  const int m = blockIdx.x * blockDim.x + threadIdx.x;
+  if (m >= num_modes) return;
+  float sum = 0.0f;
+  for (int64_t t = 0; t < num_tiles; ++t) sum += partials[t * num_modes + m];
+  grad_refs[m] = sum;
+}
+
+// One launch for a whole list of tensors: block k updates chunk chunk_offset[k] of tensor
+// chunk_tensor[k], addressed through tables of raw pointers.
+template <typename scalar_t>
+__global__ void lerp_kernel(scalar_t* const* __restrict__ averages,
+                            const scalar_t* const* __restrict__ samples,
+                            const int64_t* __restrict__ sizes,
+                            const int64_t* __restrict__ chunk_tensor,
+                            const int64_t* __restrict__ chunk_offset, int64_t chunk_size,
+                            float alpha) {
+  const int64_t k = chunk_tensor[blockIdx.x];
+  const int64_t begin = chunk_offset[blockIdx.x];
+  const int64_t end = min(sizes[k], begin + chunk_size);
+  scalar_t* average = averages[k];
+  const scalar_t* sample = samples[k];
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    average[i] = static_cast<scalar_t>(stdet::moving_average(
+        static_cast<float>(average[i]), static_cast<float>(sample[i]), alpha));
+  }
+}
+
+template <bool kWithAverage>
+at::Tensor reconstruct_impl(const at::Tensor& value, const at::Tensor& code, const at::Tensor& a,
+                            const at::Tensor& b, const at::Tensor& refs, at::Tensor* sma,
+                            double alpha) {
+  check_cuda(value, "value");
+  check_cuda(code, "code");
+  check_cuda(a, "a");
+  check_cuda(b, "b");
+  TORCH_CHECK(refs.dim() == 1 && refs.numel() <= stdet::kDummy, "refs: expected a 1-D tensor of at most 254 modes");
+  const c10::cuda::CUDAGuard guard(value.device());
+  const at::Tensor refs_f32 = refs.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty(value.sizes(), value.options());
+  const int64_t n = value.numel();
+  if (n == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "reconstruct",
+                                  [&] {
+    scalar_t* sma_ptr = nullptr;
+    if constexpr (kWithAverage) sma_ptr = sma->data_ptr<scalar_t>();
+    reconstruct_kernel<scalar_t, kWithAverage><<<blocks_for(n), kThreads, 0, stream>>>(
+        value.data_ptr<scalar_t>(), code.data_ptr<uint8_t>(), a.data_ptr<scalar_t>(),
+        b.data_ptr<scalar_t>(), refs_f32.data_ptr<float>(), static_cast<int>(refs.numel()),
+        out.data_ptr<scalar_t>(), sma_ptr, static_cast<float>(alpha), n);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor reconstruct(const at::Tensor& value, const at::Tensor& code, const at::Tensor& a,
+                       const at::Tensor& b, const at::Tensor& refs) {
+  return reconstruct_impl<false>(value, code, a, b, refs, nullptr, 0.0);
+}
+
+at::Tensor reconstruct_sma_(const at::Tensor& value, const at::Tensor& code, const at::Tensor& a,
+                            const at::Tensor& b, const at::Tensor& refs, at::Tensor sma,
+                            double alpha) {
+  check_cuda(sma, "sma");
+  TORCH_CHECK(sma.scalar_type() == value.scalar_type() && sma.numel() == value.numel(),
+              "sma: expected the dtype and number of elements of value");
+  return reconstruct_impl<true>(value, code, a, b, refs, &sma, alpha);
+}
+
+std::tuple<at::Tensor, at::Tensor> reconstruct_backward(const at::Tensor& grad,
+                                                        const at::Tensor& code,
+                                                        const at::Tensor& a,
+                                                        const at::Tensor& refs) {
+  check_cuda(grad, "grad");
+  check_cuda(code, "code");
+  check_cuda(a, "a");
+  TORCH_CHECK(refs.dim() == 1, "refs: expected a 1-D tensor");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t n = grad.numel();
+  const int num_modes = static_cast<int>(refs.numel());
+  const int64_t num_tiles = (n + kTile - 1) / kTile;
+  at::Tensor grad_value = at::empty(grad.sizes(), grad.options());
+  at::Tensor grad_refs = at::zeros({num_modes}, grad.options().dtype(at::kFloat));
+  if (n == 0) return {grad_value, grad_refs.to(refs.scalar_type())};
+  at::Tensor partials = at::empty({num_tiles, std::max(num_modes, 1)}, grad_refs.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "reconstruct_backward", [&] {
+    reconstruct_backward_kernel<scalar_t><<<num_tiles, kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), code.data_ptr<uint8_t>(), a.data_ptr<scalar_t>(),
+        grad_value.data_ptr<scalar_t>(), partials.data_ptr<float>(), num_modes, n);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (num_modes > 0) {
+    sum_partials_kernel<<<(num_modes + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+        partials.data_ptr<float>(), num_tiles, num_modes, grad_refs.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {grad_value, grad_refs.to(refs.scalar_type())};
+}
+
+void lerp_(std::vector<at::Tensor> averages, const std::vector<at::Tensor>& samples,
+           double alpha) {
+  TORCH_CHECK(averages.size() == samples.size(), "averages, samples: expected lists of one length");
+  if (averages.empty()) return;
+  const c10::cuda::CUDAGuard guard(averages[0].device());
+  const int64_t chunk_size = static_cast<int64_t>(kThreads) * 16;
+  std::vector<int64_t> average_ptrs, sample_ptrs, sizes, chunk_tensor, chunk_offset;
+  for (size_t k = 0; k < averages.size(); ++k) {
+    check_cuda(averages[k], "averages");
+    check_cuda(samples[k], "samples");
+    TORCH_CHECK(averages[k].scalar_type() == averages[0].scalar_type() &&
+                    samples[k].scalar_type() == averages[0].scalar_type() &&
+                    averages[k].numel() == samples[k].numel(),
+                "averages[", k, "], samples[", k, "]: expected one dtype and size");
+    average_ptrs.push_back(reinterpret_cast<int64_t>(averages[k].data_ptr()));
+    sample_ptrs.push_back(reinterpret_cast<int64_t>(samples[k].data_ptr()));
+    sizes.push_back(averages[k].numel());
+    for (int64_t begin = 0; begin < averages[k].numel(); begin += chunk_size) {
+      chunk_tensor.push_back(static_cast<int64_t>(k));
+      chunk_offset.push_back(begin);
+    }
+  }
+  if (chunk_tensor.empty()) return;
+  // One host-to-device copy of all the metadata.
+  const int64_t num_tensors = static_cast<int64_t>(averages.size());
+  const int64_t num_chunks = static_cast<int64_t>(chunk_tensor.size());
+  std::vector<int64_t> packed;
+  packed.reserve(3 * num_tensors + 2 * num_chunks);
+  for (const auto* part : {&average_ptrs, &sample_ptrs, &sizes, &chunk_tensor, &chunk_offset}) {
+    packed.insert(packed.end(), part->begin(), part->end());
+  }
+  const at::Tensor metadata =
+      at::from_blob(packed.data(), {static_cast<int64_t>(packed.size())}, at::kLong)
+          .to(averages[0].device(), /*non_blocking=*/false, /*copy=*/true);
+  const int64_t* meta = metadata.data_ptr<int64_t>();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, averages[0].scalar_type(), "lerp_",
+                                  [&] {
+    lerp_kernel<scalar_t><<<num_chunks, kThreads, 0, stream>>>(
+        reinterpret_cast<scalar_t* const*>(meta),
+        reinterpret_cast<const scalar_t* const*>(meta + num_tensors), meta + 2 * num_tensors,
+        meta + 3 * num_tensors, meta + 3 * num_tensors + num_chunks, chunk_size,
+        static_cast<float>(alpha));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "STDET ops, CUDA kernels";
+  m.def("reconstruct", &reconstruct, "w = value | b | a * refs[code] + b, by code");
+  m.def("reconstruct_sma_", &reconstruct_sma_, "reconstruct, and sma += alpha * (w - sma)");
+  m.def("reconstruct_backward", &reconstruct_backward, "(dL/dvalue, dL/drefs) from dL/dw");
+  m.def("lerp_", &lerp_, "averages[k] += alpha * (samples[k] - averages[k])");
+}

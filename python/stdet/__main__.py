@@ -1,0 +1,5 @@
+import sys
+
+from stdet.cli import main
+
+sys.exit(main())

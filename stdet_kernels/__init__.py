@@ -1,0 +1,31 @@
+"""stdet_kernels: the op layer of stdet.
+
+Fused STDET reconstruction (``w = value | b | a * refs[code] + b``), its backward, the reconstruction
+fused with the SMA moving-average update, and a multi-tensor moving average, each with four backends
+(cuda, triton, cpp, torch) behind `torch.library` ops. See METHOD.md, "Notation", for the contract.
+"""
+
+from . import reference
+from .backends import (
+    BACKENDS,
+    available_backends,
+    last_backend,
+    unavailable_reasons,
+    use_backend,
+)
+from .ops import lerp_, reconstruct, reconstruct_sma_
+from .reference import DUMMY, FREE
+
+__all__ = [
+    "BACKENDS",
+    "DUMMY",
+    "FREE",
+    "available_backends",
+    "last_backend",
+    "lerp_",
+    "reconstruct",
+    "reconstruct_sma_",
+    "reference",
+    "unavailable_reasons",
+    "use_backend",
+]

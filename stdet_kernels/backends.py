@@ -1,0 +1,138 @@
+"""Which implementation runs an op: discovery, default order, forcing one, and telling which ran.
+
+Four backends implement the same four functions (`reconstruct`, `reconstruct_sma_`,
+`reconstruct_backward`, `lerp_`) on contiguous, validated tensors:
+
+- ``cuda``: the CUDA extension (stdet_kernels._C_cuda), CUDA tensors;
+- ``triton``: Triton kernels, CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
+- ``cpp``: the C++ CPU extension (stdet_kernels._C), CPU tensors;
+- ``torch``: the pure-PyTorch reference, any device.
+
+Default order: cuda, then triton (on GPU), then cpp, then torch. A missing extension never breaks the
+import: the dispatcher falls back and warns once.
+"""
+
+import contextlib
+import importlib
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+log = logging.getLogger("stdet_kernels")
+
+BACKENDS = ("cuda", "triton", "cpp", "torch")
+
+_import_errors: dict[str, str] = {}
+_modules: dict[str, ModuleType | None] = {}
+_state = threading.local()
+_warned_fallback: set[str] = set()
+
+
+def _load(name: str) -> ModuleType | None:
+    """The module implementing a backend, or None (with the reason kept) if it cannot load."""
+    if name in _modules:
+        return _modules[name]
+    module_name = {
+        "cuda": "stdet_kernels._C_cuda",
+        "triton": "stdet_kernels.triton_backend",
+        "cpp": "stdet_kernels._C",
+    }.get(name)
+    module: ModuleType | None = reference
+    if module_name is not None:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as error:  # an ImportError, or a broken build raising anything else
+            module = None
+            _import_errors[name] = f"{type(error).__name__}: {error}"
+            log.debug("stdet_kernels: backend %r unavailable: %s", name, error)
+    _modules[name] = module
+    return module
+
+
+def _triton_runs_on_cpu() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(name: str, device: torch.device) -> bool:
+    """Whether backend `name` is loadable and can run on `device`."""
+    if name == "torch":
+        return True
+    if name == "cpp":
+        return device.type == "cpu" and _load("cpp") is not None
+    if name == "cuda":
+        return device.type == "cuda" and _load("cuda") is not None
+    if name == "triton":
+        on_gpu = device.type == "cuda"
+        return (on_gpu or (device.type == "cpu" and _triton_runs_on_cpu())) and (_load("triton") is not None)
+    raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+
+
+def available_backends() -> list[str]:
+    """Backends that can run in this process, in default order.
+
+    ``cuda`` needs the CUDA extension and a GPU; ``triton`` needs Triton and a GPU (or the
+    interpreter); ``cpp`` needs the C++ extension; ``torch`` is always there.
+    """
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    return [name for name in BACKENDS if any(supports(name, d) for d in devices)]
+
+
+def unavailable_reasons() -> dict[str, str]:
+    """Why each compiled or Triton backend failed to load (empty when all loaded)."""
+    for name in ("cuda", "triton", "cpp"):
+        _load(name)
+    return dict(_import_errors)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every op in this thread to run on backend `name` (one of BACKENDS) inside the block."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    previous = getattr(_state, "forced", None)
+    _state.forced = name
+    try:
+        yield
+    finally:
+        _state.forced = previous
+
+
+def last_backend() -> str | None:
+    """The backend that ran the most recent op in this thread (None before the first)."""
+    return getattr(_state, "last", None)
+
+
+def select(device: torch.device) -> ModuleType:
+    """The backend module for an op on `device`: the forced one, else the first in default order."""
+    forced = getattr(_state, "forced", None)
+    if forced is not None:
+        if not supports(forced, device):
+            reason = _import_errors.get(forced, f"it does not run on {device.type} tensors")
+            raise RuntimeError(f"use_backend({forced!r}): backend unavailable here: {reason}")
+        chosen = forced
+    else:
+        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")
+        chosen = next(name for name in order if supports(name, device))
+        preferred = order[0]
+        if chosen != preferred and preferred not in _warned_fallback:
+            _warned_fallback.add(preferred)
+            warnings.warn(
+                f"stdet_kernels: the {preferred!r} backend is unavailable "
+                f"({_import_errors.get(preferred, 'not built')}); using {chosen!r}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    _state.last = chosen
+    log.debug("stdet_kernels: running on backend %r", chosen)
+    module = _load(chosen)
+    assert module is not None
+    return module

@@ -1,0 +1,264 @@
+"""The public ops: argument checks, `torch.library` registration, autograd.
+
+Each op is one `torch.library.custom_op` in namespace ``stdet`` with a fake kernel (so it traces under
+`torch.compile(fullgraph=True)`) and a real kernel that hands contiguous tensors to the backend chosen
+by `backends.select`. Checks that need only shapes and dtypes run in the public functions (also while
+tracing); the check of the codes' values runs in the real kernel, once per version of a `code` tensor.
+"""
+
+import math
+import numbers
+import weakref
+
+import torch
+from torch import Tensor
+
+from .backends import select
+from .reference import DUMMY, FREE
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LERP_DTYPES = (*FLOAT_DTYPES, torch.float64)
+MAX_MODES = DUMMY  # codes 0..253 name modes
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_dtype(name: str, t: Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{name}: expected dtype {names}, got {str(t.dtype).removeprefix('torch.')}")
+
+
+def _check_like(name: str, t: Tensor, like_name: str, like: Tensor, dtype: bool = True) -> None:
+    """t must have the shape, device (and dtype) of `like`."""
+    if t.shape != like.shape:
+        raise ValueError(
+            f"{name}: expected shape {tuple(like.shape)} (the shape of {like_name}), got {tuple(t.shape)}"
+        )
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device} (the device of {like_name}), got {t.device}")
+    if dtype and t.dtype != like.dtype:
+        raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of {like_name}), got {t.dtype}")
+
+
+def _check_reconstruct_args(value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor) -> None:
+    for name, t in (("value", value), ("code", code), ("a", a), ("b", b), ("refs", refs)):
+        _check_tensor(name, t)
+    _check_dtype("value", value, FLOAT_DTYPES)
+    _check_dtype("code", code, (torch.uint8,))
+    _check_dtype("refs", refs, FLOAT_DTYPES)
+    _check_like("code", code, "value", value, dtype=False)
+    _check_like("a", a, "value", value)
+    _check_like("b", b, "value", value)
+    if refs.dim() != 1:
+        raise ValueError(f"refs: expected a 1-D tensor (one scalar per mode), got {refs.dim()}-D")
+    if refs.numel() > MAX_MODES:
+        raise ValueError(f"refs: at most {MAX_MODES} modes (codes 0..253), got {refs.numel()}")
+    if refs.device != value.device:
+        raise ValueError(f"refs: expected device {value.device} (the device of value), got {refs.device}")
+
+
+def _check_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha: expected a real number, got {type(alpha).__name__}")
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha: expected a finite number in (0, 1], got {alpha}")
+    return alpha
+
+
+# id(code) -> (weak reference to code, its version, number of modes it was checked against)
+_checked_codes: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
+def _check_code_modes(code: Tensor, num_modes: int) -> None:
+    """Every embedded code must name a mode that refs has. Cached per version of `code`, since codes
+    change only at embedding rounds while the op runs every step."""
+    try:
+        version = code._version
+    except RuntimeError:  # inference tensors have no version counter: check every time
+        version = None
+    key = id(code)
+    cached = _checked_codes.get(key)
+    if version is not None and cached is not None:
+        ref, cached_version, cached_modes = cached
+        if ref() is code and cached_version == version and cached_modes == num_modes:
+            return
+    invalid = (code >= num_modes) & (code < DUMMY)
+    if bool(invalid.any()):
+        bad = int(code[invalid][0])
+        raise ValueError(
+            f"code: value {bad} names mode {bad}, but refs has {num_modes} modes "
+            f"(valid codes: 0..{num_modes - 1}, {DUMMY} = DUMMY, {FREE} = FREE)"
+        )
+    if version is not None:
+        if len(_checked_codes) > 4096:
+            _checked_codes.clear()
+        _checked_codes[key] = (weakref.ref(code), version, num_modes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operators
+
+
+@torch.library.custom_op("stdet::reconstruct", mutates_args=())
+def _reconstruct_op(value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor) -> Tensor:
+    _check_code_modes(code, refs.numel())
+    backend = select(value.device)
+    return backend.reconstruct(
+        value.contiguous(), code.contiguous(), a.contiguous(), b.contiguous(), refs.contiguous()
+    )
+
+
+@_reconstruct_op.register_fake
+def _(value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor) -> Tensor:
+    return value.new_empty(value.shape)
+
+
+@torch.library.custom_op("stdet::reconstruct_backward", mutates_args=())
+def _reconstruct_backward_op(grad: Tensor, code: Tensor, a: Tensor, refs: Tensor) -> tuple[Tensor, Tensor]:
+    backend = select(grad.device)
+    return backend.reconstruct_backward(
+        grad.contiguous(), code.contiguous(), a.contiguous(), refs.contiguous()
+    )
+
+
+@_reconstruct_backward_op.register_fake
+def _(grad: Tensor, code: Tensor, a: Tensor, refs: Tensor) -> tuple[Tensor, Tensor]:
+    return grad.new_empty(grad.shape), refs.new_empty(refs.shape)
+
+
+def _reconstruct_setup_context(ctx, inputs, output) -> None:
+    _, code, a, _, refs = inputs
+    ctx.save_for_backward(code, a, refs)
+
+
+def _reconstruct_backward(ctx, grad: Tensor):
+    code, a, refs = ctx.saved_tensors
+    grad_value, grad_refs = _reconstruct_backward_op(grad, code, a, refs)
+    return grad_value, None, None, None, grad_refs
+
+
+_reconstruct_op.register_autograd(_reconstruct_backward, setup_context=_reconstruct_setup_context)
+
+
+@torch.library.custom_op("stdet::reconstruct_sma_", mutates_args=("sma",))
+def _reconstruct_sma_op(
+    value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor, sma: Tensor, alpha: float
+) -> Tensor:
+    _check_code_modes(code, refs.numel())
+    backend = select(value.device)
+    sma_contiguous = sma.contiguous()
+    w = backend.reconstruct_sma_(
+        value.contiguous(),
+        code.contiguous(),
+        a.contiguous(),
+        b.contiguous(),
+        refs.contiguous(),
+        sma_contiguous,
+        alpha,
+    )
+    if sma_contiguous is not sma:
+        sma.copy_(sma_contiguous)
+    return w
+
+
+@_reconstruct_sma_op.register_fake
+def _(value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor, sma: Tensor, alpha: float):
+    return value.new_empty(value.shape)
+
+
+class _ReconstructSMA(torch.autograd.Function):
+    """Autograd for the fused op: `torch.library` registers autograd only for functional ops, and this
+    one writes `sma`. The gradient is the reconstruction's; `sma` gets none."""
+
+    @staticmethod
+    def forward(ctx, value, code, a, b, refs, sma, alpha):
+        ctx.save_for_backward(code, a, refs)
+        return _reconstruct_sma_op(value, code, a, b, refs, sma, alpha)
+
+    @staticmethod
+    def backward(ctx, grad):
+        code, a, refs = ctx.saved_tensors
+        grad_value, grad_refs = _reconstruct_backward_op(grad, code, a, refs)
+        return grad_value, None, None, None, grad_refs, None, None
+
+
+@torch.library.custom_op("stdet::lerp_", mutates_args=("averages",))
+def _lerp_op(averages: list[Tensor], samples: list[Tensor], alpha: float) -> None:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for k, average in enumerate(averages):
+        groups.setdefault((average.device, average.dtype), []).append(k)
+    for (device, _), members in groups.items():
+        contiguous = [averages[k].contiguous() for k in members]
+        select(device).lerp_(contiguous, [samples[k].contiguous() for k in members], alpha)
+        for k, average in zip(members, contiguous, strict=True):
+            if average is not averages[k]:
+                averages[k].copy_(average)
+
+
+@_lerp_op.register_fake
+def _(averages: list[Tensor], samples: list[Tensor], alpha: float) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functional API
+
+
+def reconstruct(value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor) -> Tensor:
+    """The weight of METHOD.md: ``value`` where FREE, ``b`` where DUMMY, ``a * refs[code] + b`` where
+    embedded.
+
+    value, code, a, b share one shape (any); value, a, b share one float dtype (float32, float16 or
+    bfloat16), code is uint8, refs is 1-D with one scalar per mode. Arithmetic is float32; the result
+    has value's dtype. Differentiable with respect to ``value`` and ``refs``.
+    """
+    _check_reconstruct_args(value, code, a, b, refs)
+    return _reconstruct_op(value, code, a, b, refs)
+
+
+def reconstruct_sma_(
+    value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor, sma: Tensor, alpha: float
+) -> Tensor:
+    """`reconstruct`, and in the same pass over memory the SMA update ``sma += alpha * (w - sma)``.
+
+    ``sma`` has value's shape, dtype and device and is updated in place; alpha is in (0, 1].
+    Differentiable with respect to ``value`` and ``refs`` like `reconstruct`.
+    """
+    _check_reconstruct_args(value, code, a, b, refs)
+    _check_tensor("sma", sma)
+    _check_like("sma", sma, "value", value)
+    alpha = _check_alpha(alpha)
+    if torch.is_grad_enabled() and (value.requires_grad or refs.requires_grad):
+        return _ReconstructSMA.apply(value, code, a, b, refs, sma, alpha)
+    return _reconstruct_sma_op(value, code, a, b, refs, sma, alpha)
+
+
+def lerp_(averages: list[Tensor], samples: list[Tensor], alpha: float) -> None:
+    """``averages[k] += alpha * (samples[k] - averages[k])`` for every k, in place.
+
+    For the tensors that are not parametrized (entropy models, GDN, ...). One kernel launch per
+    (device, dtype) group, not per tensor. Each sample has its average's shape, dtype and device.
+    """
+    for name, seq in (("averages", averages), ("samples", samples)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name}: expected a list of tensors, got {type(seq).__name__}")
+    if len(averages) != len(samples):
+        raise ValueError(f"samples: expected {len(averages)} tensors (one per average), got {len(samples)}")
+    for k, (average, sample) in enumerate(zip(averages, samples, strict=True)):
+        _check_tensor(f"averages[{k}]", average)
+        _check_tensor(f"samples[{k}]", sample)
+        _check_dtype(f"averages[{k}]", average, LERP_DTYPES)
+        _check_like(f"samples[{k}]", sample, f"averages[{k}]", average)
+    alpha = _check_alpha(alpha)
+    if averages:
+        _lerp_op(list(averages), list(samples), alpha)

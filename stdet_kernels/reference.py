@@ -1,0 +1,93 @@
+"""The pure-PyTorch reference of every op: the spec in code, written for clarity, not speed.
+
+It is also the `torch` backend, the fallback wherever no compiled or Triton backend applies.
+Notation (METHOD.md): `code[i]` is a mode 0..253, DUMMY (254) or FREE (255);
+w = value (FREE), b (DUMMY), a * refs[code] + b (embedded). Arithmetic is float32 unless
+`upcast=False`, which computes in the inputs' own dtype the way plain PyTorch code would (tests use it
+to judge 16-bit results).
+"""
+
+import torch
+
+FREE = 255
+DUMMY = 254
+
+
+def _masks(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    free = code == FREE
+    dummy = code == DUMMY
+    embedded = ~(free | dummy)
+    return free, dummy, embedded
+
+
+def reconstruct(
+    value: torch.Tensor,
+    code: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    refs: torch.Tensor,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """w = value where FREE, b where DUMMY, a * refs[code] + b where embedded."""
+    return _reconstruct_in(torch.float32 if upcast else value.dtype, value, code, a, b, refs).to(value.dtype)
+
+
+def _reconstruct_in(
+    compute_dtype: torch.dtype,
+    value: torch.Tensor,
+    code: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    refs: torch.Tensor,
+) -> torch.Tensor:
+    free, dummy, embedded = _masks(code)
+    mode = torch.where(embedded, code, 0).long()
+    refs_c = refs.to(compute_dtype)
+    ref = refs_c[mode] if refs.numel() > 0 else torch.zeros_like(value, dtype=compute_dtype)
+    value_c, a_c, b_c = (t.to(compute_dtype) for t in (value, a, b))
+    return torch.where(free, value_c, torch.where(dummy, b_c, a_c * ref + b_c))
+
+
+def reconstruct_sma_(
+    value: torch.Tensor,
+    code: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    refs: torch.Tensor,
+    sma: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """reconstruct(), and the SMA update sma += alpha * (w - sma) in place.
+
+    All in float32: the average takes the float32 w, before w is rounded to the output dtype.
+    """
+    w = _reconstruct_in(torch.float32, value, code, a, b, refs)
+    average = sma.float()
+    sma.copy_(average + alpha * (w - average))
+    return w.to(value.dtype)
+
+
+def reconstruct_backward(
+    grad: torch.Tensor, code: torch.Tensor, a: torch.Tensor, refs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dvalue, dL/drefs): grad where FREE (0 elsewhere); per mode m, sum of a * grad over code == m.
+
+    Arithmetic in float32 (float64 for float64 inputs, which the tests use as the exact result).
+    """
+    compute_dtype = torch.promote_types(grad.dtype, torch.float32)
+    free, _, embedded = _masks(code)
+    grad_c = grad.to(compute_dtype)
+    grad_value = torch.where(free, grad_c, 0.0).to(grad.dtype)
+    contribution = torch.where(embedded, a.to(compute_dtype) * grad_c, 0.0).flatten()
+    mode = torch.where(embedded, code, 0).long().flatten()
+    grad_refs = torch.zeros(refs.numel(), dtype=compute_dtype, device=grad.device)
+    if refs.numel() > 0:
+        grad_refs.index_add_(0, mode, contribution)
+    return grad_value, grad_refs.to(refs.dtype)
+
+
+def lerp_(averages: list[torch.Tensor], samples: list[torch.Tensor], alpha: float) -> None:
+    """averages[k] += alpha * (samples[k] - averages[k]) for every k (float32 arithmetic)."""
+    for average, sample in zip(averages, samples, strict=True):
+        average_f32 = average.float()
+        average.copy_(average_f32 + alpha * (sample.float() - average_f32))

@@ -1,0 +1,231 @@
+"""Triton kernels of every op, with their launchers.
+
+Imported only when Triton is importable. On a GPU they compile for it; on the CPU they run under
+Triton's interpreter (TRITON_INTERPRET=1, set before Triton is first imported), which is how the tests
+exercise them. All arithmetic is float32 whatever the storage dtype. The refs gradient is a segmented
+reduction by mode: each program writes one partial sum per mode, and the partials are added up
+afterwards in a fixed order (deterministic, no float atomics).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import DUMMY, FREE
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter costs about 1 ms per program: give each program more work there.
+BLOCK = 1 << 16 if INTERPRETED else 1024
+# Elements per step of the backward's one-hot reduction, times the padded number of modes.
+REDUCE_TILE = 1 << 16 if INTERPRETED else 4096
+
+
+@triton.jit
+def _to_storage(x, dtype: tl.constexpr):
+    """float32 -> storage dtype, rounding to nearest even.
+
+    Rounds bfloat16 by hand: Triton's interpreter truncates on that cast. On a GPU the result is the
+    same as the hardware conversion's.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _reconstruct_fwd_kernel(
+    value_ptr,
+    code_ptr,
+    a_ptr,
+    b_ptr,
+    refs_ptr,
+    out_ptr,
+    sma_ptr,
+    alpha,
+    n,
+    num_modes,
+    WITH_AVERAGE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    code = tl.load(code_ptr + offsets, mask=mask, other=FREE).to(tl.int32)
+    value = tl.load(value_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    ref = tl.load(refs_ptr + code, mask=mask & (code < num_modes), other=0.0)
+    w = tl.where(code == FREE, value, tl.where(code == DUMMY, b, a * ref + b))
+    tl.store(out_ptr + offsets, _to_storage(w, out_ptr.dtype.element_ty), mask=mask)
+    if WITH_AVERAGE:
+        average = tl.load(sma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        average = average + alpha * (w - average)
+        tl.store(sma_ptr + offsets, _to_storage(average, sma_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reconstruct_bwd_kernel(
+    grad_ptr,
+    code_ptr,
+    a_ptr,
+    grad_value_ptr,
+    partials_ptr,
+    n,
+    num_modes,
+    BLOCK: tl.constexpr,
+    SUB_BLOCK: tl.constexpr,
+    MODES_PAD: tl.constexpr,
+):
+    block_start = tl.program_id(0).to(tl.int64) * BLOCK
+    modes = tl.arange(0, MODES_PAD)
+    by_mode = tl.zeros([MODES_PAD], dtype=tl.float32)
+    for sub_start in range(0, BLOCK, SUB_BLOCK):
+        offsets = block_start + sub_start + tl.arange(0, SUB_BLOCK)
+        mask = offsets < n
+        code = tl.load(code_ptr + offsets, mask=mask, other=FREE).to(tl.int32)
+        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad_value = tl.where(code == FREE, grad, 0.0)
+        tl.store(
+            grad_value_ptr + offsets, _to_storage(grad_value, grad_value_ptr.dtype.element_ty), mask=mask
+        )
+        contribution = tl.where(code < DUMMY, a * grad, 0.0)
+        one_hot = code[:, None] == modes[None, :]
+        by_mode += tl.sum(tl.where(one_hot, contribution[:, None], 0.0), axis=0)
+    tl.store(
+        partials_ptr + tl.program_id(0).to(tl.int64) * num_modes + modes,
+        by_mode,
+        mask=modes < num_modes,
+    )
+
+
+@triton.jit
+def _lerp_kernel(
+    average_addresses_ptr,
+    sample_addresses_ptr,
+    sizes_ptr,
+    chunk_tensor_ptr,
+    chunk_offset_ptr,
+    alpha,
+    DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Program k updates one chunk of one tensor; tensors are reached through tables of addresses."""
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensor_ptr + chunk)
+    offsets = tl.load(chunk_offset_ptr + chunk) + tl.arange(0, CHUNK)
+    mask = offsets < tl.load(sizes_ptr + tensor)
+    average_ptr = tl.load(average_addresses_ptr + tensor).to(tl.pointer_type(DTYPE))
+    sample_ptr = tl.load(sample_addresses_ptr + tensor).to(tl.pointer_type(DTYPE))
+    average = tl.load(average_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    sample = tl.load(sample_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    average = average + alpha * (sample - average)
+    tl.store(average_ptr + offsets, _to_storage(average, DTYPE), mask=mask)
+
+
+def _refs_f32(refs: torch.Tensor) -> torch.Tensor:
+    # A kernel needs a valid pointer even when there are no modes.
+    return refs.float() if refs.numel() > 0 else torch.zeros(1, device=refs.device)
+
+
+def _launch_forward(value, code, a, b, refs, sma, alpha, with_average: bool) -> torch.Tensor:
+    out = torch.empty_like(value)
+    n = value.numel()
+    if n == 0:
+        return out
+    grid = (triton.cdiv(n, BLOCK),)
+    _reconstruct_fwd_kernel[grid](
+        value,
+        code,
+        a,
+        b,
+        _refs_f32(refs),
+        out,
+        sma if with_average else out,
+        float(alpha),
+        n,
+        refs.numel(),
+        WITH_AVERAGE=with_average,
+        BLOCK=BLOCK,
+    )
+    return out
+
+
+def reconstruct(value, code, a, b, refs) -> torch.Tensor:
+    return _launch_forward(value, code, a, b, refs, None, 0.0, with_average=False)
+
+
+def reconstruct_sma_(value, code, a, b, refs, sma, alpha) -> torch.Tensor:
+    return _launch_forward(value, code, a, b, refs, sma, alpha, with_average=True)
+
+
+def reconstruct_backward(grad, code, a, refs) -> tuple[torch.Tensor, torch.Tensor]:
+    n = grad.numel()
+    num_modes = refs.numel()
+    grad_value = torch.empty_like(grad)
+    num_programs = triton.cdiv(n, BLOCK)
+    partials = torch.zeros((num_programs, max(num_modes, 1)), dtype=torch.float32, device=grad.device)
+    if n > 0:
+        modes_pad = triton.next_power_of_2(max(num_modes, 1))
+        sub_block = max(16, min(BLOCK, REDUCE_TILE // modes_pad))
+        _reconstruct_bwd_kernel[(num_programs,)](
+            grad,
+            code,
+            a,
+            grad_value,
+            partials,
+            n,
+            num_modes,
+            BLOCK=BLOCK,
+            SUB_BLOCK=sub_block,
+            MODES_PAD=modes_pad,
+        )
+    grad_refs = partials[:, :num_modes].sum(dim=0)
+    return grad_value, grad_refs.to(refs.dtype)
+
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
+LERP_CHUNK = 1 << 16 if INTERPRETED else 4096
+
+
+def lerp_(averages: list[torch.Tensor], samples: list[torch.Tensor], alpha: float) -> None:
+    """One launch for a list of same-device, same-dtype tensors."""
+    if not averages:
+        return
+    device = averages[0].device
+    sizes = [t.numel() for t in averages]
+    chunk_tensor, chunk_offset = [], []
+    for k, size in enumerate(sizes):
+        for start in range(0, size, LERP_CHUNK):
+            chunk_tensor.append(k)
+            chunk_offset.append(start)
+    if not chunk_tensor:
+        return
+    table = torch.tensor(
+        [t.data_ptr() for t in averages]
+        + [t.data_ptr() for t in samples]
+        + sizes
+        + chunk_tensor
+        + chunk_offset,
+        dtype=torch.int64,
+    ).to(device)
+    k = len(averages)
+    c = len(chunk_tensor)
+    _lerp_kernel[(c,)](
+        table[:k],
+        table[k : 2 * k],
+        table[2 * k : 3 * k],
+        table[3 * k : 3 * k + c],
+        table[3 * k + c :],
+        float(alpha),
+        DTYPE=_TL_DTYPES[averages[0].dtype],
+        CHUNK=LERP_CHUNK,
+    )

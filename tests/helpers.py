@@ -1,0 +1,93 @@
+"""Inputs and comparisons shared by the op tests."""
+
+from dataclasses import dataclass
+
+import torch
+
+from stdet_kernels import DUMMY, FREE, reference
+
+MIXES = ("mixed", "all_free", "all_embedded", "all_dummy")
+
+
+@dataclass
+class Inputs:
+    value: torch.Tensor
+    code: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    refs: torch.Tensor
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        return self.value, self.code, self.a, self.b, self.refs
+
+    def to(self, dtype: torch.dtype) -> "Inputs":
+        return Inputs(
+            self.value.to(dtype), self.code, self.a.to(dtype), self.b.to(dtype), self.refs.to(dtype)
+        )
+
+
+def make_codes(n: int, num_modes: int, mix: str, generator: torch.Generator) -> torch.Tensor:
+    """Codes for n elements: 'mixed' is about 50% FREE, 10% DUMMY and 40% spread over the modes."""
+    if mix == "all_free":
+        return torch.full((n,), FREE, dtype=torch.uint8)
+    if mix == "all_dummy":
+        return torch.full((n,), DUMMY, dtype=torch.uint8)
+    modes = torch.randint(0, num_modes, (n,), generator=generator).to(torch.uint8)
+    if mix == "all_embedded":
+        return modes
+    if mix != "mixed":
+        raise ValueError(f"mix: unknown {mix!r}")
+    draw = torch.rand(n, generator=generator)
+    return torch.where(draw < 0.5, FREE, torch.where(draw < 0.6, DUMMY, modes)).to(torch.uint8)
+
+
+def make_inputs(
+    n: int, num_modes: int, mix: str, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Inputs:
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    code = make_codes(n, num_modes, mix, generator)
+    return Inputs(normal(n), code, normal(n), normal(n), normal(num_modes)).to(dtype)
+
+
+def upcast(inputs: Inputs) -> Inputs:
+    return inputs.to(torch.float64)
+
+
+def assert_verbose_close(name: str, got: torch.Tensor, expected: torch.Tensor, tolerance) -> None:
+    """|got - expected| <= tolerance elementwise; on failure say how many elements differ and where."""
+    assert got.shape == expected.shape, f"{name}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    error = (got.double() - expected.double()).abs()
+    bound = torch.as_tensor(tolerance, dtype=torch.float64).expand_as(error)
+    bad = ~(error <= bound)  # NaN counts as bad
+    if bool(bad.any()):
+        where = bad.nonzero()[:5].flatten().tolist()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ; first at {where}: "
+            f"got {got.flatten()[where].tolist()}, expected {expected.flatten()[where].tolist()}, "
+            f"max error {float(error.max()):.3g}, bound there {bound.flatten()[where].tolist()}"
+        )
+
+
+def flash_tolerance(low: torch.Tensor, high: torch.Tensor, atol: float) -> torch.Tensor:
+    """FlashAttention's rule: a kernel may be at most twice as far from the float64 result as plain
+    PyTorch at the inputs' dtype is, plus a small absolute slack."""
+    return 2 * (low.double() - high.double()).abs() + atol
+
+
+def reference_forward(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plain PyTorch at the inputs' dtype, float64 result) of the reconstruction."""
+    low = reference.reconstruct(*inputs.as_tuple(), upcast=False)
+    high = reference.reconstruct(*upcast(inputs).as_tuple(), upcast=False)
+    return low, high
+
+
+def refs_grad_tolerance(inputs: Inputs, grad: torch.Tensor) -> torch.Tensor:
+    """Bound on a float32 summation of a * grad per mode: a few float32 ulps of the sum of |terms|."""
+    magnitude = reference.reconstruct_backward(
+        grad.double().abs(), inputs.code, inputs.a.double().abs(), inputs.refs.double()
+    )[1]
+    return 1e-5 * magnitude + 1e-6
