@@ -91,3 +91,37 @@ def refs_grad_tolerance(inputs: Inputs, grad: torch.Tensor) -> torch.Tensor:
         grad.double().abs(), inputs.code, inputs.a.double().abs(), inputs.refs.double()
     )[1]
     return 1e-5 * magnitude + 1e-6
+
+
+@dataclass(frozen=True)
+class Target:
+    """A backend and the device whose tensors it runs on."""
+
+    backend: str
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}-{self.device}"
+
+    def put(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(self.device) for t in tensors)
+
+
+def targets() -> list[Target]:
+    """Every backend on the CPU (Triton under its interpreter) and, where a GPU is present, on it."""
+    found = [Target("torch", "cpu"), Target("cpp", "cpu"), Target("triton", "cpu")]
+    if torch.cuda.is_available():
+        found += [Target("cuda", "cuda"), Target("triton", "cuda"), Target("torch", "cuda")]
+    return found
+
+
+def require(target: Target) -> Target:
+    import pytest
+
+    from stdet_kernels.backends import supports
+
+    if not supports(target.backend, torch.device(target.device)):
+        pytest.skip(
+            f"backend {target.backend!r} unavailable on {target.device} (test_backends checks which must be)"
+        )
+    return target

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import Target, make_inputs, require, targets
 
 import stdet_kernels
 
@@ -40,20 +40,20 @@ def test_reconstruct_rejects_bad_argument(argument: str, replacement, error: typ
         stdet_kernels.reconstruct(**args)
 
 
-@pytest.mark.parametrize("backend", ("torch", "cpp", "triton"))
-def test_code_naming_a_missing_mode(backend: str) -> None:
-    if backend not in stdet_kernels.available_backends():
-        pytest.skip(f"backend {backend!r} unavailable here")
+@pytest.mark.parametrize("target", targets(), ids=str)
+def test_code_naming_a_missing_mode(target: Target) -> None:
+    require(target)
     args = _args(modes=3)
     args["code"] = args["code"].clone()
     args["code"][5] = 7
+    args = {name: t.to(target.device) for name, t in args.items()}
     with (
-        stdet_kernels.use_backend(backend),
+        stdet_kernels.use_backend(target.backend),
         pytest.raises(ValueError, match="^code: value 7 names mode 7, but refs has 3 modes"),
     ):
         stdet_kernels.reconstruct(**args)
-    sma = torch.zeros(8)
-    with stdet_kernels.use_backend(backend), pytest.raises(ValueError, match="^code: value 7"):
+    sma = torch.zeros(8, device=target.device)
+    with stdet_kernels.use_backend(target.backend), pytest.raises(ValueError, match="^code: value 7"):
         stdet_kernels.reconstruct_sma_(**args, sma=sma, alpha=0.5)
 
 

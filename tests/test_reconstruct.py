@@ -9,18 +9,20 @@ import torch
 from helpers import (
     MIXES,
     Inputs,
+    Target,
     assert_verbose_close,
     flash_tolerance,
     make_inputs,
     reference_forward,
     refs_grad_tolerance,
+    require,
+    targets,
     upcast,
 )
 
 import stdet_kernels
 from stdet_kernels import FREE, reference
 
-CPU_BACKENDS = ("torch", "cpp", "triton")
 PRIME = 100_003  # a prime above 10^5
 SIZES = (1, 2, 1023, 4097, PRIME)
 LAYER_SHAPES = ((192, 192, 5, 5), (192, 3, 5, 5))
@@ -52,15 +54,9 @@ def _inputs(case) -> Inputs:
     return Inputs(*(t.reshape(shape) for t in flat.as_tuple()[:4]), flat.refs)
 
 
-def _require(backend: str) -> None:
-    if backend not in stdet_kernels.available_backends():
-        pytest.skip(f"backend {backend!r} unavailable here (test_backends checks which must be)")
-
-
-@pytest.fixture(params=CPU_BACKENDS)
-def backend(request) -> str:
-    _require(request.param)
-    return request.param
+@pytest.fixture(params=targets(), ids=str)
+def target(request) -> Target:
+    return require(request.param)
 
 
 def _atol(dtype: torch.dtype) -> float:
@@ -68,12 +64,12 @@ def _atol(dtype: torch.dtype) -> float:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_forward_matches_reference(backend: str, case) -> None:
+def test_forward_matches_reference(target: Target, case) -> None:
     inputs = _inputs(case)
     low, high = reference_forward(inputs)
-    with stdet_kernels.use_backend(backend):
-        w = stdet_kernels.reconstruct(*inputs.as_tuple())
-        assert stdet_kernels.last_backend() == backend
+    with stdet_kernels.use_backend(target.backend):
+        w = stdet_kernels.reconstruct(*target.put(*inputs.as_tuple())).cpu()
+        assert stdet_kernels.last_backend() == target.backend
     assert w.dtype == inputs.value.dtype and w.shape == inputs.value.shape
     assert_verbose_close("w", w, high, flash_tolerance(low, high, _atol(w.dtype)))
 
@@ -88,29 +84,29 @@ def _autograd_reference(inputs: Inputs, grad: torch.Tensor) -> tuple[torch.Tenso
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_backward_matches_reference(backend: str, case) -> None:
+def test_backward_matches_reference(target: Target, case) -> None:
     inputs = _inputs(case)
     generator = torch.Generator().manual_seed(1)
     grad = torch.randn(inputs.value.shape, generator=generator).to(inputs.value.dtype)
     low_value, low_refs = _autograd_reference(inputs, grad)
     high_value, high_refs = _autograd_reference(upcast(inputs), grad.double())
 
-    value = inputs.value.clone().requires_grad_()
-    refs = inputs.refs.clone().requires_grad_()
-    with stdet_kernels.use_backend(backend):
-        w = stdet_kernels.reconstruct(value, inputs.code, inputs.a, inputs.b, refs)
-        w.backward(grad)
-        assert stdet_kernels.last_backend() == backend
+    value, refs = (t.clone().requires_grad_() for t in target.put(inputs.value, inputs.refs))
+    with stdet_kernels.use_backend(target.backend):
+        w = stdet_kernels.reconstruct(value, *target.put(inputs.code, inputs.a, inputs.b), refs)
+        w.backward(grad.to(target.device))
+        assert stdet_kernels.last_backend() == target.backend
     assert value.grad.dtype == value.dtype and refs.grad.dtype == refs.dtype
-    assert torch.equal(value.grad, torch.where(inputs.code == FREE, grad, 0).to(grad.dtype))
-    assert_verbose_close("dL/dvalue", value.grad, high_value, flash_tolerance(low_value, high_value, 0.0))
+    value_grad, refs_grad = value.grad.cpu(), refs.grad.cpu()
+    assert torch.equal(value_grad, torch.where(inputs.code == FREE, grad, 0).to(grad.dtype))
+    assert_verbose_close("dL/dvalue", value_grad, high_value, flash_tolerance(low_value, high_value, 0.0))
     tolerance = flash_tolerance(low_refs, high_refs, 0.0) + refs_grad_tolerance(inputs, grad)
-    assert_verbose_close("dL/drefs", refs.grad, high_refs, tolerance)
+    assert_verbose_close("dL/drefs", refs_grad, high_refs, tolerance)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("alpha", (0.1, 1.0))
-def test_fused_sma_matches_reference(backend: str, case, alpha: float) -> None:
+def test_fused_sma_matches_reference(target: Target, case, alpha: float) -> None:
     inputs = _inputs(case)
     generator = torch.Generator().manual_seed(2)
     sma = torch.randn(inputs.value.shape, generator=generator).to(inputs.value.dtype)
@@ -118,32 +114,32 @@ def test_fused_sma_matches_reference(backend: str, case, alpha: float) -> None:
     high_sma = sma.double() + alpha * (high_w - sma.double())
     low_sma = sma + alpha * (low_w - sma)
 
-    sma_kernel = sma.clone()
-    with stdet_kernels.use_backend(backend):
-        w = stdet_kernels.reconstruct_sma_(*inputs.as_tuple(), sma_kernel, alpha)
-        assert stdet_kernels.last_backend() == backend
+    (sma_kernel,) = target.put(sma.clone())
+    with stdet_kernels.use_backend(target.backend):
+        w = stdet_kernels.reconstruct_sma_(*target.put(*inputs.as_tuple()), sma_kernel, alpha).cpu()
+        assert stdet_kernels.last_backend() == target.backend
+    sma_kernel = sma_kernel.cpu()
     atol = _atol(w.dtype)
     assert_verbose_close("w", w, high_w, flash_tolerance(low_w, high_w, atol))
     assert_verbose_close("sma", sma_kernel, high_sma, flash_tolerance(low_sma, high_sma, atol))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] == (1023,)], ids=_case_id)
-def test_fused_sma_gradients_match_plain_reconstruct(backend: str, case) -> None:
+def test_fused_sma_gradients_match_plain_reconstruct(target: Target, case) -> None:
     """reconstruct_sma_ is differentiable exactly like reconstruct."""
     inputs = _inputs(case)
     grad = torch.randn(inputs.value.shape, generator=torch.Generator().manual_seed(3)).to(inputs.value.dtype)
     grads = []
-    with stdet_kernels.use_backend(backend):
+    with stdet_kernels.use_backend(target.backend):
         for fused in (False, True):
-            value = inputs.value.clone().requires_grad_()
-            refs = inputs.refs.clone().requires_grad_()
-            args = (value, inputs.code, inputs.a, inputs.b, refs)
+            value, refs = (t.clone().requires_grad_() for t in target.put(inputs.value, inputs.refs))
+            args = (value, *target.put(inputs.code, inputs.a, inputs.b), refs)
             w = (
                 stdet_kernels.reconstruct_sma_(*args, torch.zeros_like(value), 0.5)
                 if fused
                 else stdet_kernels.reconstruct(*args)
             )
-            w.backward(grad)
+            w.backward(grad.to(target.device))
             grads.append((value.grad, refs.grad))
     assert torch.equal(grads[0][0], grads[1][0])
     assert torch.equal(grads[0][1], grads[1][1])
@@ -160,48 +156,54 @@ def test_reference_backward_is_the_autograd_of_the_reference_forward() -> None:
 
 
 @pytest.mark.parametrize("mix", MIXES)
-def test_refs_gradient_is_deterministic(backend: str, mix: str) -> None:
+def test_refs_gradient_is_deterministic(target: Target, mix: str) -> None:
     """Same inputs, same bits: the per-mode reduction has no atomics and a fixed order, also when the
     number of threads changes."""
     inputs = make_inputs(PRIME, 254, mix, seed=7)
-    grad = torch.randn(PRIME, generator=torch.Generator().manual_seed(8))
+    value, code, a, b, refs_start = target.put(*inputs.as_tuple())
+    (grad,) = target.put(torch.randn(PRIME, generator=torch.Generator().manual_seed(8)))
     results = []
     threads = torch.get_num_threads()
     try:
         for num_threads in (1, 2, 1):
             torch.set_num_threads(num_threads)
-            refs = inputs.refs.clone().requires_grad_()
-            with stdet_kernels.use_backend(backend):
-                stdet_kernels.reconstruct(inputs.value, inputs.code, inputs.a, inputs.b, refs).backward(grad)
+            refs = refs_start.clone().requires_grad_()
+            with stdet_kernels.use_backend(target.backend):
+                stdet_kernels.reconstruct(value, code, a, b, refs).backward(grad)
             results.append(refs.grad)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
-def test_noncontiguous_inputs(backend: str) -> None:
+def test_noncontiguous_inputs(target: Target) -> None:
     """Transposed views (including sma) give the same results as their contiguous copies."""
     inputs = make_inputs(64 * 33, 10, "mixed", seed=9)
-    views = [t.reshape(33, 64).t() for t in inputs.as_tuple()[:4]]
+    views = [t.reshape(33, 64).t() for t in target.put(*inputs.as_tuple()[:4])]
     assert not views[0].is_contiguous()
-    sma = torch.randn(33, 64).t()
-    expected_sma = sma.contiguous().clone()
+    (sma,) = target.put(torch.randn(33, 64))
+    sma = sma.t()
+    expected_sma = sma.cpu().contiguous()
     value = views[0].clone().t().contiguous().t().requires_grad_()  # non-contiguous leaf
-    refs = inputs.refs.clone().requires_grad_()
-    with stdet_kernels.use_backend(backend):
+    (refs,) = target.put(inputs.refs.clone())
+    refs.requires_grad_()
+    with stdet_kernels.use_backend(target.backend):
         w = stdet_kernels.reconstruct_sma_(value, views[1], views[2], views[3], refs, sma, 0.25)
         w.backward(torch.ones_like(w))
+    assert not sma.is_contiguous()
+    views, w, sma, value_grad = [v.cpu() for v in views], w.cpu(), sma.cpu(), value.grad.cpu()
     expected_w = reference.reconstruct(*(v.contiguous() for v in views), inputs.refs)
     torch.testing.assert_close(w, expected_w, rtol=0, atol=1e-6)
     torch.testing.assert_close(sma, expected_sma + 0.25 * (expected_w - expected_sma), rtol=0, atol=1e-6)
-    assert torch.equal(value.grad, torch.where(views[1] == FREE, 1.0, 0.0))
+    assert torch.equal(value_grad, torch.where(views[1] == FREE, 1.0, 0.0))
 
 
-def test_empty_tensor(backend: str) -> None:
+def test_empty_tensor(target: Target) -> None:
     inputs = make_inputs(0, 3, "mixed")
-    value = inputs.value.clone().requires_grad_()
-    refs = inputs.refs.clone().requires_grad_()
-    with stdet_kernels.use_backend(backend):
-        w = stdet_kernels.reconstruct(value, inputs.code, inputs.a, inputs.b, refs)
+    value, code, a, b, refs = target.put(*inputs.as_tuple())
+    value.requires_grad_()
+    refs.requires_grad_()
+    with stdet_kernels.use_backend(target.backend):
+        w = stdet_kernels.reconstruct(value, code, a, b, refs)
         w.sum().backward()
-    assert w.shape == (0,) and torch.equal(refs.grad, torch.zeros(3))
+    assert w.shape == (0,) and torch.equal(refs.grad.cpu(), torch.zeros(3))
