@@ -37,7 +37,7 @@ from torch.utils.cpp_extension import (  # noqa: E402  (needs CUDA_HOME set firs
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("csrc")
+CSRC = "csrc"
 
 
 def _flag(name: str) -> bool:

@@ -32,13 +32,18 @@ def op_inputs(draw):
     return value, code, a, b, refs
 
 
-@pytest.mark.parametrize("backend", ("cpp", "triton"))
+@pytest.fixture(scope="module", params=("cpp", "triton"))
+def backend(request) -> str:
+    """Module-scoped: hypothesis reruns a test body many times within one fixture instance."""
+    if request.param not in stdet_kernels.available_backends():
+        pytest.skip(f"backend {request.param!r} unavailable here")
+    return request.param
+
+
 @settings(max_examples=40, deadline=None)
 @given(inputs=op_inputs())
 def test_float32_forward_is_bitwise_the_reference(backend: str, inputs) -> None:
     """No fused multiply-add and float32 arithmetic throughout: the same bits as the reference."""
-    if backend not in stdet_kernels.available_backends():
-        pytest.skip(f"backend {backend!r} unavailable here")
     with stdet_kernels.use_backend(backend):
         w = stdet_kernels.reconstruct(*inputs)
         sma = torch.zeros_like(inputs[0])
@@ -49,12 +54,9 @@ def test_float32_forward_is_bitwise_the_reference(backend: str, inputs) -> None:
     assert torch.equal(sma, expected)  # alpha = 1: the average is the sample
 
 
-@pytest.mark.parametrize("backend", ("cpp", "triton"))
 @settings(max_examples=40, deadline=None)
 @given(inputs=op_inputs())
 def test_gradients_match_the_reference(backend: str, inputs) -> None:
-    if backend not in stdet_kernels.available_backends():
-        pytest.skip(f"backend {backend!r} unavailable here")
     value, code, a, _, refs = inputs
     grad = torch.randn_like(value)
     with stdet_kernels.use_backend(backend):
