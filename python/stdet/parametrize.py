@@ -1,0 +1,189 @@
+"""The STDET reparametrization of a model's weights (METHOD.md, "Notation").
+
+`attach` registers an `Embedded` parametrization (`torch.nn.utils.parametrize`) on every embeddable
+tensor: the layer's weight becomes ``reconstruct(value, code, a, b, refs)``, computed by the fused op
+of `stdet_kernels`. Right after attaching every element is FREE, so the model computes exactly what it
+computed before. One `refs` parameter (one scalar per mode) is shared by every parametrization.
+
+Default embeddable set: weights and biases of every convolution, transposed convolution and linear
+layer that is not part of an entropy model (CompressAI's `EntropyModel`: `quantiles`, CDF tables and
+the factorized prior's own parameters stay as they are). GDN's `beta`/`gamma` are opt-in; name
+patterns (fnmatch) include or exclude more.
+
+CompressAI's `MaskedConv2d` multiplies its weight by a causal mask in `forward` by writing
+``weight.data``, which a parametrized weight would lose. Here the masked-out elements are DUMMY with
+``b = 0``: the reconstruction itself is masked, at no extra cost, and the write is harmless.
+"""
+
+import fnmatch
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import stdet_kernels
+from stdet_kernels import DUMMY, FREE
+
+EMBEDDABLE_LAYERS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+)
+
+
+def _entropy_model_types() -> tuple[type, ...]:
+    try:
+        from compressai.entropy_models import EntropyModel
+    except ImportError:
+        return ()
+    return (EntropyModel,)
+
+
+def _gdn_types() -> tuple[type, ...]:
+    try:
+        from compressai.layers import GDN
+    except ImportError:
+        return ()
+    return (GDN,)
+
+
+def embeddable_parameters(
+    model: nn.Module,
+    include_gdn: bool = False,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+) -> list[str]:
+    """Names (as in ``model.named_parameters()``) of the tensors `attach` would parametrize.
+
+    `include` and `exclude` are fnmatch patterns on those names: `include` adds any parameter (outside
+    entropy models too), `exclude` removes; exclusion wins.
+    """
+    include, exclude = list(include), list(exclude)
+    entropy_models = _entropy_model_types()
+    inside_entropy_model: set[str] = set()
+    for name, module in model.named_modules():
+        if entropy_models and isinstance(module, entropy_models):
+            inside_entropy_model.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters())
+    chosen = []
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        default = isinstance(module, EMBEDDABLE_LAYERS) or (include_gdn and isinstance(module, _gdn_types()))
+        for param_name, param in module.named_parameters(recurse=False):
+            name = prefix + param_name
+            if parametrize.is_parametrized(module, param_name) or name in inside_entropy_model:
+                continue
+            wanted = default or any(fnmatch.fnmatchcase(name, p) for p in include)
+            if (
+                wanted
+                and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+                and param.is_floating_point()
+            ):
+                chosen.append(name)
+    return chosen
+
+
+class Embedded(nn.Module):
+    """``weight = reconstruct(value, code, a, b, refs)``; the parametrized tensor's trainable storage
+    (``parametrizations.<name>.original``) is ``value``. Buffers ``code``, ``a``, ``b`` have the
+    weight's shape; ``refs`` is the model-wide reference parameter, shared by every `Embedded`.
+    """
+
+    def __init__(self, weight: torch.Tensor, refs: nn.Parameter, mask: torch.Tensor | None = None) -> None:
+        super().__init__()
+        code = torch.full(weight.shape, FREE, dtype=torch.uint8, device=weight.device)
+        if mask is not None:
+            code[mask == 0] = DUMMY  # b = 0 there: the reconstruction is masked
+        self.register_buffer("code", code)
+        self.register_buffer("a", torch.zeros_like(weight, memory_format=torch.contiguous_format))
+        self.register_buffer("b", torch.zeros_like(weight, memory_format=torch.contiguous_format))
+        self.refs = refs
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return stdet_kernels.reconstruct(value, self.code, self.a, self.b, self.refs)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """Assigning a weight makes it the stored value (meaningful where the element is FREE)."""
+        return weight
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, param_name = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), param_name
+
+
+def parametrized_tensors(model: nn.Module) -> dict[str, Embedded]:
+    """Parametrized tensor name (CompressAI's key, e.g. ``g_a.0.weight``) -> its `Embedded`."""
+    found = {}
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for param_name, chain in module.parametrizations.items():
+            embedded = [p for p in chain if isinstance(p, Embedded)]
+            if embedded:
+                found[f"{module_name}.{param_name}" if module_name else param_name] = embedded[0]
+    return found
+
+
+def attach(
+    model: nn.Module,
+    num_modes: int = 0,
+    include_gdn: bool = False,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+) -> nn.Parameter:
+    """Parametrize every embeddable tensor of `model` (all FREE) and return the shared `refs`.
+
+    `refs` starts with `num_modes` zeros; mode discovery fills it. The model's outputs are unchanged.
+    """
+    if parametrized_tensors(model):
+        raise RuntimeError("attach: the model already has STDET parametrizations (attached twice?)")
+    names = embeddable_parameters(model, include_gdn, include, exclude)
+    if not names:
+        raise ValueError(
+            "model: no embeddable parameters (no convolution or linear layer outside entropy models, "
+            "and no include pattern matched)"
+        )
+    first = model.get_parameter(names[0])
+    refs = nn.Parameter(torch.zeros(num_modes, dtype=first.dtype, device=first.device))
+    for name in names:
+        module, param_name = _owner(model, name)
+        mask = getattr(module, "mask", None) if param_name == "weight" else None
+        weight = getattr(module, param_name)
+        parametrize.register_parametrization(module, param_name, Embedded(weight.detach(), refs, mask))
+    return refs
+
+
+def embedding_state(model: nn.Module) -> dict[str, object]:
+    """For each parametrized tensor, dense ``{"value", "code", "a", "b"}`` in METHOD.md's notation, plus
+    ``"refs"``: ``stdet_kernels.reconstruct(**state[name], refs=state["refs"])`` is the layer's weight."""
+    state: dict[str, object] = {}
+    refs = None
+    for name, embedded in parametrized_tensors(model).items():
+        module, param_name = _owner(model, name)
+        value = module.parametrizations[param_name].original
+        state[name] = {"value": value.detach(), "code": embedded.code, "a": embedded.a, "b": embedded.b}
+        refs = embedded.refs
+    if refs is None:
+        raise ValueError("model: has no STDET parametrizations (call attach first)")
+    state["refs"] = refs.detach()
+    return state
+
+
+def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with plain weights under its own key names (``g_a.0.weight``, ...), as
+    the unparametrized model has it: loadable by code that has never imported stdet."""
+    plain: dict[str, torch.Tensor] = {}
+    parametrized = parametrized_tensors(model)
+    with torch.no_grad(), parametrize.cached():
+        for key, tensor in model.state_dict().items():
+            if ".parametrizations." not in key:
+                plain[key] = tensor
+        for name in parametrized:
+            module, param_name = _owner(model, name)
+            plain[name] = getattr(module, param_name).detach().clone()
+    return plain
