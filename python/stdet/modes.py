@@ -200,6 +200,15 @@ class OnlineRefit:
         self.ref_mean = fit.mean[fit.references].clone()
         self.ref_moment2 = fit.moment2[fit.references].clone()
 
+    def state_dict(self) -> dict[str, object]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, object]) -> "OnlineRefit":
+        refit = cls.__new__(cls)
+        vars(refit).update(state)
+        return refit
+
     def update(self, snapshot: torch.Tensor) -> None:
         """Add one snapshot: the flat values ``(N,)`` of all elements (references included)."""
         if snapshot.shape != self.mean.shape:

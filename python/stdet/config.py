@@ -1,0 +1,111 @@
+"""The STDET configuration: every knob of the embedding schedule in one place.
+
+Field names mirror the training CLI's flags (``--warmup-steps`` is ``warmup_steps``).
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class STDETConfig:
+    """Knobs of STDET (METHOD.md, "CMD mode discovery" and "STDET embedding schedule").
+
+    warmup_steps: ordinary training steps before modes are fitted and the model is attached.
+    snapshots: F, trajectory snapshots recorded evenly over the warm-up (the last at its end).
+    modes: M, at most this many modes (1..254).
+    samples: K, parameters sampled (balanced across tensors) for the clustering.
+    embed_every: steps between embedding rounds after the warm-up.
+    embed_rate: fraction of the still-free elements embedded per round.
+    max_embedded: stop embedding once this fraction of the embeddable elements is embedded.
+    protect: the most sensitive fraction of the free elements is never embedded in a round.
+    min_r2: an element is truly embedded (``a * ref + b``) only if its fit explains this much of its
+        trajectory's variance (R^2); the other selected elements are frozen (DUMMY).
+    max_drift: and only if its ``a, b`` moved by at most this much (relative) since the last round.
+    sensitivity: "taylor" (running mean of |g * w|, the default) or "fisher" (of g^2).
+    sensitivity_decay: decay of the running mean of the sensitivity, per step.
+    continuity: shift ``b`` at embedding time so the embedded value equals the current value (no jump);
+        False jumps to the fitted line (the CMD behaviour).
+    refit: keep ``a, b`` of free elements current by recursive least squares after the warm-up.
+    safety_window: steps of training loss averaged before and after a round to judge it.
+    safety_tolerance: a round whose after-window loss exceeds the before-window's by more than this
+        fraction is undone and the rate halved. Needs the loss passed to ``STDET.step(loss)``.
+    snapshot_dtype: storage dtype of the warm-up trajectories ("float32" or "float16").
+    include_gdn, include, exclude: which tensors are embeddable (see `stdet.parametrize`).
+    seed: seeds the sampling of the clustering.
+    """
+
+    warmup_steps: int = 1000
+    snapshots: int = 20
+    modes: int = 10
+    samples: int = 1000
+    embed_every: int = 100
+    embed_rate: float = 0.1
+    max_embedded: float = 0.9
+    protect: float = 0.1
+    min_r2: float = 0.9
+    max_drift: float = 0.05
+    sensitivity: str = "taylor"
+    sensitivity_decay: float = 0.9
+    continuity: bool = True
+    refit: bool = True
+    safety_window: int = 20
+    safety_tolerance: float = 0.02
+    snapshot_dtype: str = "float32"
+    include_gdn: bool = False
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def require(name: str, ok: bool, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_fraction(value: object, low_open: bool = False) -> bool:
+            return (
+                isinstance(value, (int, float))
+                and math.isfinite(value)
+                and (value > 0 if low_open else value >= 0)
+                and value <= 1
+            )
+
+        require("warmup_steps", is_int(self.warmup_steps) and self.warmup_steps >= 2, "an integer >= 2")
+        require(
+            "snapshots",
+            is_int(self.snapshots) and 2 <= self.snapshots <= max(2, self.warmup_steps),
+            "an integer in 2..warmup_steps",
+        )
+        require("modes", is_int(self.modes) and 1 <= self.modes <= 254, "an integer in 1..254")
+        require("samples", is_int(self.samples) and self.samples >= 2, "an integer >= 2")
+        require("embed_every", is_int(self.embed_every) and self.embed_every >= 1, "an integer >= 1")
+        require("embed_rate", is_fraction(self.embed_rate, low_open=True), "a fraction in (0, 1]")
+        require("max_embedded", is_fraction(self.max_embedded), "a fraction in [0, 1]")
+        require("protect", is_fraction(self.protect), "a fraction in [0, 1]")
+        require("min_r2", is_fraction(self.min_r2), "a fraction in [0, 1]")
+        require(
+            "max_drift", isinstance(self.max_drift, (int, float)) and self.max_drift >= 0, "a number >= 0"
+        )
+        require("sensitivity", self.sensitivity in ("taylor", "fisher"), "'taylor' or 'fisher'")
+        require(
+            "sensitivity_decay",
+            is_fraction(self.sensitivity_decay) and self.sensitivity_decay < 1,
+            "a number in [0, 1)",
+        )
+        require("safety_window", is_int(self.safety_window) and self.safety_window >= 1, "an integer >= 1")
+        require(
+            "safety_tolerance",
+            isinstance(self.safety_tolerance, (int, float)) and self.safety_tolerance >= 0,
+            "a number >= 0",
+        )
+        require(
+            "snapshot_dtype",
+            self.snapshot_dtype in ("float32", "float16", "bfloat16"),
+            "'float32', 'float16' or 'bfloat16'",
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,172 @@
+"""The STDET object in a CompressAI training loop: warm-up, fit, embedding rounds, safety, resume."""
+
+import io
+import math
+
+import pytest
+import torch
+from compressai.models import FactorizedPrior
+
+import stdet
+import stdet_kernels
+from stdet_kernels import FREE
+
+
+def _batch(step: int) -> torch.Tensor:
+    """A deterministic batch per step: smooth random images (so the model has something to learn)."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    coarse = torch.rand(2, 3, 8, 8, generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=32, mode="bilinear", align_corners=False)
+
+
+def _rd_loss(model: torch.nn.Module, x: torch.Tensor, lmbda: float = 0.01) -> torch.Tensor:
+    out = model(x)
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    bpp = sum(torch.log(likelihood).sum() for likelihood in out["likelihoods"].values()) / (
+        -math.log(2) * pixels
+    )
+    return lmbda * 255**2 * torch.nn.functional.mse_loss(out["x_hat"], x) + bpp
+
+
+def _setup(config: stdet.STDETConfig):
+    torch.manual_seed(0)
+    model = FactorizedPrior(N=8, M=12)
+    parameters = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    optimizer = torch.optim.Adam(parameters, lr=1e-3)
+    return model, optimizer, stdet.STDET(model, optimizer, config)
+
+
+def _train(model, optimizer, st, steps: range, losses: list[float] | None = None) -> None:
+    for step in steps:
+        optimizer.zero_grad()
+        loss = _rd_loss(model, _batch(step))
+        loss.backward()
+        optimizer.step()
+        st.step(loss)
+        if losses is not None:
+            losses.append(float(loss.detach()))
+
+
+CONFIG = dict(
+    warmup_steps=20, snapshots=10, modes=4, samples=200, embed_every=5, embed_rate=0.3, safety_window=5
+)
+
+
+def test_end_to_end_warmup_fit_and_three_rounds() -> None:
+    config = stdet.STDETConfig(**CONFIG, safety_tolerance=100.0)  # judge, but keep every round
+    model, optimizer, st = _setup(config)
+    losses: list[float] = []
+    _train(model, optimizer, st, range(20), losses)
+    assert st.phase == "embedding" and st.fit.num_modes >= 1
+    refs_only = st.embedded_fraction()
+    assert refs_only == pytest.approx(st.fit.num_modes / st.elements)
+    _train(model, optimizer, st, range(20, 39), losses)  # rounds at steps 25, 30, 35
+    rounds = [h for h in st.history if h["event"] == "round"]
+    assert len(rounds) == 3 and not any(h["event"] == "undone" for h in st.history)
+    assert all(math.isfinite(loss) for loss in losses)
+    # Each round embeds 30% of the free elements (the protected 10% are never reached).
+    assert st.embedded_fraction() == pytest.approx(1 - (1 - refs_only) * 0.7**3, abs=2e-3)
+    assert st.trainable_fraction() == pytest.approx(
+        1 - st.embedded_fraction() + st.fit.num_modes / st.elements
+    )
+    assert sum(h["true"] for h in rounds) > 0 and sum(h["dummy"] for h in rounds) > 0
+
+    # The inspection contract: the weight is the reconstruction of the embedding state.
+    state = stdet.embedding_state(model)
+    for name in st.names:
+        module, _, param = name.rpartition(".")
+        weight = getattr(model.get_submodule(module), param)
+        assert torch.equal(stdet_kernels.reconstruct(**state[name], refs=state["refs"]), weight)
+
+    # Embedded elements keep their weights through a step; gradients reach refs.
+    before = st.flat_weights()
+    codes = st._flat_codes()
+    _train(model, optimizer, st, range(39, 40))
+    after = st.flat_weights()
+    dummy = codes == stdet_kernels.DUMMY
+    assert torch.equal(after[dummy], before[dummy])
+    assert not torch.equal(after[codes == FREE], before[codes == FREE])
+    assert st.refs.grad is not None and st.refs.grad.abs().sum() > 0
+    for name in st.names:
+        moments = optimizer.state[st._value(name)]["exp_avg"].view(-1)
+        embedded_code = st._embedded()[name].code.view(-1) != FREE
+        assert torch.all(moments[embedded_code] == 0)
+
+    # The exported model codes an image with plain CompressAI.
+    plain = FactorizedPrior.from_state_dict(stdet.export_state_dict(model)).eval()
+    plain.update(force=True)
+    with torch.no_grad():
+        coded = plain.compress(_batch(0)[:1])
+        decoded = plain.decompress(coded["strings"], coded["shape"])
+    assert decoded["x_hat"].shape == (1, 3, 32, 32)
+
+
+def test_resumed_run_matches_the_uninterrupted_one() -> None:
+    config = stdet.STDETConfig(**CONFIG)
+    model, optimizer, st = _setup(config)
+    straight: list[float] = []
+    _train(model, optimizer, st, range(37), straight)
+
+    model, optimizer, st = _setup(config)
+    resumed: list[float] = []
+    _train(model, optimizer, st, range(27), resumed)
+    buffer = io.BytesIO()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stdet": st.state_dict()}
+    state["rng"] = torch.get_rng_state()  # the entropy bottleneck's training noise draws from it
+    torch.save(state, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+    model, optimizer, st = _setup(config)
+    st.load_state_dict(checkpoint["stdet"])
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"])
+    _train(model, optimizer, st, range(27, 37), resumed)
+    assert resumed == straight
+
+
+def test_a_round_that_raises_the_loss_is_undone() -> None:
+    config = stdet.STDETConfig(**CONFIG)
+    model, optimizer, st = _setup(config)
+    # Real training, but the loss handed to st.step doubles right after the first round (step 25); the
+    # round is judged at step 30, undone, and the next round runs at half the rate.
+    for step in range(30):
+        optimizer.zero_grad()
+        loss = _rd_loss(model, _batch(step))
+        loss.backward()
+        optimizer.step()
+        if step == 29:
+            weights_before_judgement = st.flat_weights()
+            embedded_before_judgement = st.embedded_fraction()
+        st.step(1.0 if step < 25 else 2.0)
+    events = [h["event"] for h in st.history]
+    assert events == ["attach", "round", "undone", "round"]
+    assert st.rate == pytest.approx(CONFIG["embed_rate"] / 2) and st.history[-1]["rate"] == st.rate
+    refs_only = st.fit.num_modes / st.elements
+    assert embedded_before_judgement == pytest.approx(refs_only + 0.3 * (1 - refs_only), abs=2e-3)
+    assert st.embedded_fraction() == pytest.approx(refs_only + 0.15 * (1 - refs_only), abs=2e-3)
+    # Neither undoing nor embedding (with continuity) changes a weight.
+    torch.testing.assert_close(st.flat_weights(), weights_before_judgement, rtol=0, atol=1e-6)
+
+
+def test_misuse_gives_clear_errors() -> None:
+    with pytest.raises(ValueError, match="^embed_rate: "):
+        stdet.STDETConfig(embed_rate=0.0)
+    with pytest.raises(ValueError, match="^modes: "):
+        stdet.STDETConfig(modes=300)
+    with pytest.raises(ValueError, match="^snapshots: "):
+        stdet.STDETConfig(warmup_steps=10, snapshots=11)
+    model = FactorizedPrior(N=8, M=12)
+    with pytest.raises(ValueError, match="^optimizer: does not hold"):
+        stdet.STDET(model, torch.optim.Adam(model.g_a.parameters()))
+    with pytest.raises(ValueError, match="^model: no embeddable"):
+        stdet.STDET(
+            torch.nn.Sequential(torch.nn.ReLU()), torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))])
+        )
+    with pytest.raises(TypeError, match="^config: "):
+        stdet.STDET(model, torch.optim.Adam(model.parameters()), {"warmup_steps": 3})
+    _, _, other = _setup(stdet.STDETConfig(**CONFIG))
+    small = FactorizedPrior(N=4, M=12)
+    st = stdet.STDET(small, torch.optim.Adam(small.parameters()), stdet.STDETConfig(**CONFIG))
+    with pytest.raises(ValueError, match="^state: was saved for a different model"):
+        st.load_state_dict(other.state_dict())
