@@ -220,6 +220,186 @@ void lerp_(std::vector<at::Tensor> averages, const std::vector<at::Tensor>& samp
   });
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Compact layout: free_values holds only the FREE elements, a and b only the others, each in element
+// order. offsets[k] = FREE elements before block k of kCompactBlock elements; inside a block the slots
+// follow by counting. The Python layer has checked offsets against code (once per code version).
+
+constexpr int64_t kCompactBlock = 1024;  // reference.COMPACT_BLOCK
+
+template <typename value_t, typename coef_t, bool kWithAverage>
+void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
+                                const uint8_t* __restrict__ code,
+                                const int32_t* __restrict__ offsets,
+                                const coef_t* __restrict__ a, const coef_t* __restrict__ b,
+                                const RefTable& table, value_t* __restrict__ out,
+                                value_t* __restrict__ sma, float alpha, int64_t n,
+                                int64_t block_begin, int64_t block_end) {
+  for (int64_t block = block_begin; block < block_end; ++block) {
+    int64_t free_slot = offsets[block];
+    int64_t embedded_slot = block * kCompactBlock - free_slot;
+    const int64_t end = std::min(n, (block + 1) * kCompactBlock);
+    for (int64_t i = block * kCompactBlock; i < end; ++i) {
+      const uint8_t c = code[i];
+      float w;
+      if (c == stdet::kFree) {
+        w = static_cast<float>(free_values[free_slot++]);
+      } else {
+        w = stdet::reconstruct_element(c, 0.0f, static_cast<float>(a[embedded_slot]),
+                                       static_cast<float>(b[embedded_slot]), table[c]);
+        ++embedded_slot;
+      }
+      out[i] = static_cast<value_t>(w);
+      if constexpr (kWithAverage) {
+        sma[i] = static_cast<value_t>(stdet::moving_average(static_cast<float>(sma[i]), w, alpha));
+      }
+    }
+  }
+}
+
+// Checks the layout's sizes and returns the number of FREE elements.
+int64_t check_compact(const at::Tensor& code, const at::Tensor& offsets, const at::Tensor& a,
+                      const at::Tensor& b) {
+  check_contiguous_cpu(code, "code");
+  check_contiguous_cpu(offsets, "offsets");
+  check_contiguous_cpu(a, "a");
+  check_contiguous_cpu(b, "b");
+  TORCH_CHECK(code.scalar_type() == at::kByte, "code: expected uint8");
+  TORCH_CHECK(offsets.scalar_type() == at::kInt, "offsets: expected int32");
+  const int64_t blocks = (code.numel() + kCompactBlock - 1) / kCompactBlock;
+  TORCH_CHECK(offsets.numel() == blocks + 1, "offsets: expected ", blocks + 1, " entries");
+  const int64_t free_count = offsets.data_ptr<int32_t>()[blocks];
+  TORCH_CHECK(a.numel() == code.numel() - free_count && b.numel() == a.numel(),
+              "a, b: expected ", code.numel() - free_count, " elements");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "a, b: expected one dtype");
+  return free_count;
+}
+
+template <bool kWithAverage>
+at::Tensor reconstruct_compact_impl(const at::Tensor& free_values, const at::Tensor& code,
+                                    const at::Tensor& offsets, const at::Tensor& a,
+                                    const at::Tensor& b, const at::Tensor& refs, at::Tensor* sma,
+                                    double alpha) {
+  check_contiguous_cpu(free_values, "free_values");
+  TORCH_CHECK(free_values.numel() == check_compact(code, offsets, a, b),
+              "free_values: expected one element per FREE code");
+  const RefTable table = make_ref_table(refs);
+  at::Tensor out = at::empty(code.sizes(), free_values.options());
+  const int64_t n = code.numel();
+  const int64_t blocks = (n + kCompactBlock - 1) / kCompactBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, free_values.scalar_type(),
+                                  "reconstruct_compact", [&] {
+    using value_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(),
+                                    "reconstruct_compact", [&] {
+      using coef_t = scalar_t;
+      value_t* sma_ptr = nullptr;
+      if constexpr (kWithAverage) sma_ptr = sma->data_ptr<value_t>();
+      const value_t* free_ptr = free_values.data_ptr<value_t>();
+      const uint8_t* code_ptr = code.data_ptr<uint8_t>();
+      const int32_t* offsets_ptr = offsets.data_ptr<int32_t>();
+      const coef_t* a_ptr = a.data_ptr<coef_t>();
+      const coef_t* b_ptr = b.data_ptr<coef_t>();
+      value_t* out_ptr = out.data_ptr<value_t>();
+      const float alpha_f = static_cast<float>(alpha);
+      at::parallel_for(0, blocks, kGrain / kCompactBlock, [&](int64_t first, int64_t last) {
+        reconstruct_compact_blocks<value_t, coef_t, kWithAverage>(
+            free_ptr, code_ptr, offsets_ptr, a_ptr, b_ptr, table, out_ptr, sma_ptr, alpha_f, n,
+            first, last);
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor reconstruct_compact(const at::Tensor& free_values, const at::Tensor& code,
+                               const at::Tensor& offsets, const at::Tensor& a, const at::Tensor& b,
+                               const at::Tensor& refs) {
+  return reconstruct_compact_impl<false>(free_values, code, offsets, a, b, refs, nullptr, 0.0);
+}
+
+at::Tensor reconstruct_compact_sma_(const at::Tensor& free_values, const at::Tensor& code,
+                                    const at::Tensor& offsets, const at::Tensor& a,
+                                    const at::Tensor& b, const at::Tensor& refs, at::Tensor sma,
+                                    double alpha) {
+  check_contiguous_cpu(sma, "sma");
+  TORCH_CHECK(sma.scalar_type() == free_values.scalar_type() && sma.numel() == code.numel(),
+              "sma: expected the dtype of free_values and the number of elements of code");
+  return reconstruct_compact_impl<true>(free_values, code, offsets, a, b, refs, &sma, alpha);
+}
+
+// (dL/dfree_values, dL/drefs); the refs gradient in fixed chunks of kReduceChunk elements, as in the
+// dense backward.
+template <typename value_t, typename coef_t>
+void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __restrict__ code,
+                             const int32_t* __restrict__ offsets, const coef_t* __restrict__ a,
+                             value_t* __restrict__ grad_free, float* __restrict__ partial,
+                             int64_t num_modes, int64_t n, int64_t block_begin,
+                             int64_t block_end) {
+  std::array<float, stdet::kTableSize> by_code{};
+  for (int64_t block = block_begin; block < block_end; ++block) {
+    int64_t free_slot = offsets[block];
+    int64_t embedded_slot = block * kCompactBlock - free_slot;
+    const int64_t end = std::min(n, (block + 1) * kCompactBlock);
+    for (int64_t i = block * kCompactBlock; i < end; ++i) {
+      const uint8_t c = code[i];
+      const float g = static_cast<float>(grad[i]);
+      if (c == stdet::kFree) {
+        grad_free[free_slot++] = static_cast<value_t>(g);
+      } else {
+        by_code[c] += stdet::ref_grad_contribution(c, static_cast<float>(a[embedded_slot++]), g);
+      }
+    }
+  }
+  std::copy(by_code.begin(), by_code.begin() + num_modes, partial);
+}
+
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward(const at::Tensor& grad,
+                                                                const at::Tensor& code,
+                                                                const at::Tensor& offsets,
+                                                                const at::Tensor& a,
+                                                                const at::Tensor& refs) {
+  check_contiguous_cpu(grad, "grad");
+  TORCH_CHECK(grad.numel() == code.numel(), "grad: expected the number of elements of code");
+  TORCH_CHECK(refs.dim() == 1, "refs: expected a 1-D tensor");
+  const int64_t n = code.numel();
+  const int64_t blocks = (n + kCompactBlock - 1) / kCompactBlock;
+  check_compact(code, offsets, a, a);
+  const int64_t num_modes = refs.numel();
+  constexpr int64_t kBlocksPerChunk = kReduceChunk / kCompactBlock;
+  const int64_t num_chunks = (blocks + kBlocksPerChunk - 1) / kBlocksPerChunk;
+  at::Tensor grad_free = at::empty({n - a.numel()}, grad.options());
+  std::vector<float> partials(static_cast<size_t>(num_chunks * num_modes), 0.0f);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "reconstruct_compact_backward", [&] {
+    using value_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(),
+                                    "reconstruct_compact_backward", [&] {
+      using coef_t = scalar_t;
+      const value_t* grad_ptr = grad.data_ptr<value_t>();
+      const uint8_t* code_ptr = code.data_ptr<uint8_t>();
+      const int32_t* offsets_ptr = offsets.data_ptr<int32_t>();
+      const coef_t* a_ptr = a.data_ptr<coef_t>();
+      value_t* grad_free_ptr = grad_free.data_ptr<value_t>();
+      at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+        for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+          compact_backward_blocks<value_t, coef_t>(
+              grad_ptr, code_ptr, offsets_ptr, a_ptr, grad_free_ptr,
+              partials.data() + chunk * num_modes, num_modes, n, chunk * kBlocksPerChunk,
+              std::min(blocks, (chunk + 1) * kBlocksPerChunk));
+        }
+      });
+    });
+  });
+  at::Tensor grad_refs_f32 = at::zeros({num_modes}, grad.options().dtype(at::kFloat));
+  float* grad_refs_ptr = grad_refs_f32.data_ptr<float>();
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    for (int64_t m = 0; m < num_modes; ++m) grad_refs_ptr[m] += partials[chunk * num_modes + m];
+  }
+  return {grad_free, grad_refs_f32.to(refs.scalar_type())};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -228,4 +408,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reconstruct_sma_", &reconstruct_sma_, "reconstruct, and sma += alpha * (w - sma)");
   m.def("reconstruct_backward", &reconstruct_backward, "(dL/dvalue, dL/drefs) from dL/dw");
   m.def("lerp_", &lerp_, "averages[k] += alpha * (samples[k] - averages[k])");
+  m.def("reconstruct_compact", &reconstruct_compact, "reconstruct, compact layout");
+  m.def("reconstruct_compact_sma_", &reconstruct_compact_sma_,
+        "reconstruct_compact, and sma += alpha * (w - sma)");
+  m.def("reconstruct_compact_backward", &reconstruct_compact_backward,
+        "(dL/dfree_values, dL/drefs) from dL/dw, compact layout");
 }

@@ -13,19 +13,33 @@ from .backends import (
     unavailable_reasons,
     use_backend,
 )
+from .compact import (
+    COMPACT_BLOCK,
+    compact_offsets,
+    pack,
+    reconstruct_compact,
+    reconstruct_compact_sma_,
+    unpack,
+)
 from .ops import lerp_, reconstruct, reconstruct_sma_
 from .reference import DUMMY, FREE
 
 __all__ = [
     "BACKENDS",
+    "COMPACT_BLOCK",
     "DUMMY",
     "FREE",
     "available_backends",
+    "compact_offsets",
     "last_backend",
     "lerp_",
+    "pack",
     "reconstruct",
+    "reconstruct_compact",
+    "reconstruct_compact_sma_",
     "reconstruct_sma_",
     "reference",
     "unavailable_reasons",
+    "unpack",
     "use_backend",
 ]

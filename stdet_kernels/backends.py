@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -111,19 +111,27 @@ def last_backend() -> str | None:
     return getattr(_state, "last", None)
 
 
-def select(device: torch.device) -> ModuleType:
-    """The backend module for an op on `device`: the forced one, else the first in default order."""
+def _implements(name: str, op: str) -> bool:
+    module = _load(name)
+    return module is not None and hasattr(module, op)
+
+
+def select(device: torch.device, op: str) -> Callable:
+    """The kernel of `op` for `device`: the forced backend's, else that of the first backend in
+    default order that implements it."""
     forced = getattr(_state, "forced", None)
     if forced is not None:
         if not supports(forced, device):
             reason = _import_errors.get(forced, f"it does not run on {device.type} tensors")
             raise RuntimeError(f"use_backend({forced!r}): backend unavailable here: {reason}")
+        if not _implements(forced, op):
+            raise RuntimeError(f"use_backend({forced!r}): backend has no {op!r} kernel")
         chosen = forced
     else:
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")
-        chosen = next(name for name in order if supports(name, device))
+        chosen = next(name for name in order if supports(name, device) and _implements(name, op))
         preferred = order[0]
-        if chosen != preferred and preferred not in _warned_fallback:
+        if chosen != preferred and not supports(preferred, device) and preferred not in _warned_fallback:
             _warned_fallback.add(preferred)
             warnings.warn(
                 f"stdet_kernels: the {preferred!r} backend is unavailable "
@@ -133,6 +141,4 @@ def select(device: torch.device) -> ModuleType:
             )
     _state.last = chosen
     log.debug("stdet_kernels: running on backend %r", chosen)
-    module = _load(chosen)
-    assert module is not None
-    return module
+    return getattr(_load(chosen), op)

@@ -112,8 +112,7 @@ def _check_code_modes(code: Tensor, num_modes: int) -> None:
 @torch.library.custom_op("stdet::reconstruct", mutates_args=())
 def _reconstruct_op(value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor) -> Tensor:
     _check_code_modes(code, refs.numel())
-    backend = select(value.device)
-    return backend.reconstruct(
+    return select(value.device, "reconstruct")(
         value.contiguous(), code.contiguous(), a.contiguous(), b.contiguous(), refs.contiguous()
     )
 
@@ -125,8 +124,7 @@ def _(value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor) -> Tensor
 
 @torch.library.custom_op("stdet::reconstruct_backward", mutates_args=())
 def _reconstruct_backward_op(grad: Tensor, code: Tensor, a: Tensor, refs: Tensor) -> tuple[Tensor, Tensor]:
-    backend = select(grad.device)
-    return backend.reconstruct_backward(
+    return select(grad.device, "reconstruct_backward")(
         grad.contiguous(), code.contiguous(), a.contiguous(), refs.contiguous()
     )
 
@@ -155,9 +153,8 @@ def _reconstruct_sma_op(
     value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor, sma: Tensor, alpha: float
 ) -> Tensor:
     _check_code_modes(code, refs.numel())
-    backend = select(value.device)
     sma_contiguous = sma.contiguous()
-    w = backend.reconstruct_sma_(
+    w = select(value.device, "reconstruct_sma_")(
         value.contiguous(),
         code.contiguous(),
         a.contiguous(),
@@ -199,7 +196,7 @@ def _lerp_op(averages: list[Tensor], samples: list[Tensor], alpha: float) -> Non
         groups.setdefault((average.device, average.dtype), []).append(k)
     for (device, _), members in groups.items():
         contiguous = [averages[k].contiguous() for k in members]
-        select(device).lerp_(contiguous, [samples[k].contiguous() for k in members], alpha)
+        select(device, "lerp_")(contiguous, [samples[k].contiguous() for k in members], alpha)
         for k, average in zip(members, contiguous, strict=True):
             if average is not averages[k]:
                 averages[k].copy_(average)

@@ -91,3 +91,89 @@ def lerp_(averages: list[torch.Tensor], samples: list[torch.Tensor], alpha: floa
     for average, sample in zip(averages, samples, strict=True):
         average_f32 = average.float()
         average.copy_(average_f32 + alpha * (sample.float() - average_f32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact layout: only FREE elements store a trainable value, only embedded (non-FREE) elements
+# store coefficients. Element i's slot is its rank among the FREE (or the non-FREE) elements. Kernels
+# find it from `offsets`, the number of FREE elements before each block of COMPACT_BLOCK elements,
+# plus a prefix count inside the block: no stored index per element.
+
+COMPACT_BLOCK = 1024
+
+
+def compact_offsets(code: torch.Tensor) -> torch.Tensor:
+    """int32 ``(blocks + 1,)``: FREE elements before each block of COMPACT_BLOCK; the last entry is
+    the total number of FREE elements."""
+    free = (code.reshape(-1) == FREE).int()
+    blocks = -(-free.numel() // COMPACT_BLOCK)
+    padded = torch.zeros(blocks * COMPACT_BLOCK, dtype=torch.int32, device=code.device)
+    padded[: free.numel()] = free
+    counts = padded.view(blocks, COMPACT_BLOCK).sum(dim=1)
+    return torch.cat([torch.zeros(1, dtype=torch.int64, device=code.device), counts.cumsum(0)]).int()
+
+
+def pack(
+    value: torch.Tensor, code: torch.Tensor, a: torch.Tensor, b: torch.Tensor, coefficient_dtype=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense (value, a, b) -> compact (free_values, offsets, a, b); coefficients optionally cast."""
+    free = code.reshape(-1) == FREE
+    dtype = coefficient_dtype or a.dtype
+    return (
+        value.reshape(-1)[free].clone(),
+        compact_offsets(code),
+        a.reshape(-1)[~free].to(dtype),
+        b.reshape(-1)[~free].to(dtype),
+    )
+
+
+def unpack(
+    free_values: torch.Tensor, code: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact -> dense (value, a, b) of code's shape; 0 where a tensor holds nothing."""
+    free = code.reshape(-1) == FREE
+    dense = []
+    for stored, where in ((free_values, free), (a, ~free), (b, ~free)):
+        full = torch.zeros(code.numel(), dtype=stored.dtype, device=stored.device)
+        full[where] = stored
+        dense.append(full.view(code.shape))
+    return dense[0], dense[1], dense[2]
+
+
+def reconstruct_compact(
+    free_values: torch.Tensor,
+    code: torch.Tensor,
+    offsets: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    refs: torch.Tensor,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """`reconstruct` of the compact layout: the weight, shaped like `code`, in free_values' dtype.
+
+    The reference finds slots by a global prefix count and ignores `offsets` (a kernel's shortcut).
+    """
+    value, dense_a, dense_b = unpack(free_values, code, a, b)
+    compute_dtype = torch.float32 if upcast else free_values.dtype
+    w = _reconstruct_in(compute_dtype, value, code, dense_a, dense_b, refs)
+    return w.to(free_values.dtype)
+
+
+def reconstruct_compact_sma_(free_values, code, offsets, a, b, refs, sma, alpha: float) -> torch.Tensor:
+    """`reconstruct_compact`, and sma (dense, code's shape) += alpha * (w - sma), float32."""
+    value, dense_a, dense_b = unpack(free_values, code, a, b)
+    w = _reconstruct_in(torch.float32, value, code, dense_a, dense_b, refs)
+    average = sma.float()
+    sma.copy_(average + alpha * (w - average))
+    return w.to(free_values.dtype)
+
+
+def reconstruct_compact_backward(
+    grad: torch.Tensor, code: torch.Tensor, offsets: torch.Tensor, a: torch.Tensor, refs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dfree_values, dL/drefs): grad at the FREE elements in order; per mode, sum of a * grad."""
+    free = code.reshape(-1) == FREE
+    dense_a = torch.zeros(code.numel(), dtype=a.dtype, device=a.device)
+    dense_a[~free] = a
+    grad_value, grad_refs = reconstruct_backward(grad, code, dense_a.view(code.shape), refs)
+    return grad_value.reshape(-1)[free], grad_refs

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import DUMMY, FREE
+from .reference import COMPACT_BLOCK, DUMMY, FREE
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter costs about 1 ms per program: give each program more work there.
@@ -229,3 +229,144 @@ def lerp_(averages: list[torch.Tensor], samples: list[torch.Tensor], alpha: floa
         DTYPE=_TL_DTYPES[averages[0].dtype],
         CHUNK=LERP_CHUNK,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact layout (see reference.COMPACT_BLOCK): one program per block; slots by an in-block prefix
+# count on top of the block's offset.
+
+
+@triton.jit
+def _compact_slots(code, local, block, offsets_ptr, BLOCK: tl.constexpr):
+    """(is_free, slot in free_values, slot in a/b) of each element of a block."""
+    is_free = code == FREE
+    free_rank = tl.cumsum(is_free.to(tl.int32), axis=0) - is_free.to(tl.int32)
+    free_before = tl.load(offsets_ptr + block).to(tl.int64)
+    free_slot = free_before + free_rank
+    embedded_slot = block.to(tl.int64) * BLOCK - free_before + (local - free_rank)
+    return is_free, free_slot, embedded_slot
+
+
+@triton.jit
+def _reconstruct_compact_fwd_kernel(
+    free_ptr,
+    code_ptr,
+    offsets_ptr,
+    a_ptr,
+    b_ptr,
+    refs_ptr,
+    out_ptr,
+    sma_ptr,
+    alpha,
+    n,
+    num_modes,
+    WITH_AVERAGE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    block = tl.program_id(0)
+    local = tl.arange(0, BLOCK)
+    offsets = block.to(tl.int64) * BLOCK + local
+    mask = offsets < n
+    code = tl.load(code_ptr + offsets, mask=mask, other=DUMMY).to(tl.int32)
+    is_free, free_slot, embedded_slot = _compact_slots(code, local, block, offsets_ptr, BLOCK)
+    embedded = mask & (code != FREE)
+    value = tl.load(free_ptr + free_slot, mask=mask & is_free, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + embedded_slot, mask=embedded, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + embedded_slot, mask=embedded, other=0.0).to(tl.float32)
+    ref = tl.load(refs_ptr + code, mask=mask & (code < num_modes), other=0.0)
+    w = tl.where(is_free, value, tl.where(code == DUMMY, b, a * ref + b))
+    tl.store(out_ptr + offsets, _to_storage(w, out_ptr.dtype.element_ty), mask=mask)
+    if WITH_AVERAGE:
+        average = tl.load(sma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        average = average + alpha * (w - average)
+        tl.store(sma_ptr + offsets, _to_storage(average, sma_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reconstruct_compact_bwd_kernel(
+    grad_ptr,
+    code_ptr,
+    offsets_ptr,
+    a_ptr,
+    grad_free_ptr,
+    partials_ptr,
+    n,
+    num_modes,
+    BLOCK: tl.constexpr,
+    MODES_PAD: tl.constexpr,
+):
+    block = tl.program_id(0)
+    local = tl.arange(0, BLOCK)
+    offsets = block.to(tl.int64) * BLOCK + local
+    mask = offsets < n
+    code = tl.load(code_ptr + offsets, mask=mask, other=DUMMY).to(tl.int32)
+    is_free, free_slot, embedded_slot = _compact_slots(code, local, block, offsets_ptr, BLOCK)
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(
+        grad_free_ptr + free_slot, _to_storage(grad, grad_free_ptr.dtype.element_ty), mask=mask & is_free
+    )
+    a = tl.load(a_ptr + embedded_slot, mask=mask & (code != FREE), other=0.0).to(tl.float32)
+    contribution = tl.where(mask & (code < DUMMY), a * grad, 0.0)
+    modes = tl.arange(0, MODES_PAD)
+    one_hot = code[:, None] == modes[None, :]
+    by_mode = tl.sum(tl.where(one_hot, contribution[:, None], 0.0), axis=0)
+    tl.store(partials_ptr + block.to(tl.int64) * num_modes + modes, by_mode, mask=modes < num_modes)
+
+
+def _launch_compact_forward(free_values, code, offsets, a, b, refs, sma, alpha, with_average) -> torch.Tensor:
+    out = torch.empty(code.shape, dtype=free_values.dtype, device=code.device)
+    n = code.numel()
+    if n == 0:
+        return out
+    # Tensors with no element (all FREE, or none FREE) still need a valid pointer.
+    free_values = (
+        free_values if free_values.numel() else torch.zeros(1, dtype=free_values.dtype, device=code.device)
+    )
+    a = a if a.numel() else torch.zeros(1, dtype=a.dtype, device=code.device)
+    b = b if b.numel() else torch.zeros(1, dtype=b.dtype, device=code.device)
+    _reconstruct_compact_fwd_kernel[(offsets.numel() - 1,)](
+        free_values,
+        code,
+        offsets,
+        a,
+        b,
+        _refs_f32(refs),
+        out,
+        sma if with_average else out,
+        float(alpha),
+        n,
+        refs.numel(),
+        WITH_AVERAGE=with_average,
+        BLOCK=COMPACT_BLOCK,
+    )
+    return out
+
+
+def reconstruct_compact(free_values, code, offsets, a, b, refs) -> torch.Tensor:
+    return _launch_compact_forward(free_values, code, offsets, a, b, refs, None, 0.0, with_average=False)
+
+
+def reconstruct_compact_sma_(free_values, code, offsets, a, b, refs, sma, alpha) -> torch.Tensor:
+    return _launch_compact_forward(free_values, code, offsets, a, b, refs, sma, alpha, with_average=True)
+
+
+def reconstruct_compact_backward(grad, code, offsets, a, refs) -> tuple[torch.Tensor, torch.Tensor]:
+    n = code.numel()
+    num_modes = refs.numel()
+    grad_free = torch.empty(n - a.numel(), dtype=grad.dtype, device=grad.device)
+    blocks = offsets.numel() - 1
+    partials = torch.zeros((blocks, max(num_modes, 1)), dtype=torch.float32, device=grad.device)
+    if n > 0:
+        _reconstruct_compact_bwd_kernel[(blocks,)](
+            grad,
+            code,
+            offsets,
+            a if a.numel() else torch.zeros(1, dtype=a.dtype, device=grad.device),
+            grad_free if grad_free.numel() else torch.zeros(1, dtype=grad.dtype, device=grad.device),
+            partials,
+            n,
+            num_modes,
+            BLOCK=COMPACT_BLOCK,
+            MODES_PAD=triton.next_power_of_2(max(num_modes, 1)),
+        )
+    return grad_free, partials[:, :num_modes].sum(dim=0).to(refs.dtype)
