@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cub/block/block_scan.cuh>
 #include <vector>
 
 #include "stdet_element.h"
@@ -243,6 +244,217 @@ void lerp_(std::vector<at::Tensor> averages, const std::vector<at::Tensor>& samp
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Compact layout (see stdet_kernels/compact.py): one CUDA block per layout block of kCompactBlock
+// elements, each thread kItems consecutive elements. A block-wide exclusive scan of the threads' FREE
+// counts, on top of the block's offset, gives every element its slot.
+
+constexpr int kCompactBlock = 1024;  // reference.COMPACT_BLOCK
+constexpr int kCompactThreads = 256;
+constexpr int kItems = kCompactBlock / kCompactThreads;
+using CompactScan = cub::BlockScan<int, kCompactThreads>;
+
+struct CompactSlots {
+  int64_t free_slot;
+  int64_t embedded_slot;
+};
+
+// Loads the thread's codes (DUMMY past the end) and returns its first free and embedded slots.
+__device__ CompactSlots compact_slots(const uint8_t* code, const int32_t* offsets, int64_t n,
+                                      uint8_t (&codes)[kItems],
+                                      typename CompactScan::TempStorage& scan_storage) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kCompactBlock + threadIdx.x * kItems;
+  int free_count = 0;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    codes[k] = first + k < n ? code[first + k] : stdet::kDummy;
+    free_count += codes[k] == stdet::kFree;
+  }
+  int free_before;
+  CompactScan(scan_storage).ExclusiveSum(free_count, free_before);
+  const int64_t block_free = offsets[blockIdx.x];
+  return {block_free + free_before,
+          static_cast<int64_t>(blockIdx.x) * kCompactBlock - block_free +
+              (threadIdx.x * kItems - free_before)};
+}
+
+template <typename value_t, typename coef_t, bool kWithAverage>
+__global__ void reconstruct_compact_kernel(const value_t* __restrict__ free_values,
+                                           const uint8_t* __restrict__ code,
+                                           const int32_t* __restrict__ offsets,
+                                           const coef_t* __restrict__ a,
+                                           const coef_t* __restrict__ b,
+                                           const float* __restrict__ refs, int num_modes,
+                                           value_t* __restrict__ out, value_t* __restrict__ sma,
+                                           float alpha, int64_t n) {
+  __shared__ float table[stdet::kTableSize];
+  __shared__ typename CompactScan::TempStorage scan_storage;
+  load_ref_table(table, refs, num_modes);
+  uint8_t codes[kItems];
+  CompactSlots slots = compact_slots(code, offsets, n, codes, scan_storage);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kCompactBlock + threadIdx.x * kItems;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t i = first + k;
+    if (i >= n) break;
+    float w;
+    if (codes[k] == stdet::kFree) {
+      w = static_cast<float>(free_values[slots.free_slot++]);
+    } else {
+      w = stdet::reconstruct_element(codes[k], 0.0f, static_cast<float>(a[slots.embedded_slot]),
+                                     static_cast<float>(b[slots.embedded_slot]), table[codes[k]]);
+      ++slots.embedded_slot;
+    }
+    out[i] = static_cast<value_t>(w);
+    if constexpr (kWithAverage) {
+      sma[i] = static_cast<value_t>(stdet::moving_average(static_cast<float>(sma[i]), w, alpha));
+    }
+  }
+}
+
+template <typename value_t, typename coef_t>
+__global__ void reconstruct_compact_backward_kernel(const value_t* __restrict__ grad,
+                                                    const uint8_t* __restrict__ code,
+                                                    const int32_t* __restrict__ offsets,
+                                                    const coef_t* __restrict__ a,
+                                                    value_t* __restrict__ grad_free,
+                                                    float* __restrict__ partials, int num_modes,
+                                                    int64_t n) {
+  __shared__ typename CompactScan::TempStorage scan_storage;
+  __shared__ uint8_t tile_code[kCompactBlock];
+  __shared__ float tile_contribution[kCompactBlock];
+  uint8_t codes[kItems];
+  CompactSlots slots = compact_slots(code, offsets, n, codes, scan_storage);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kCompactBlock + threadIdx.x * kItems;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t i = first + k;
+    float contribution = 0.0f;
+    if (i < n) {
+      const float g = static_cast<float>(grad[i]);
+      if (codes[k] == stdet::kFree) {
+        grad_free[slots.free_slot++] = static_cast<value_t>(g);
+      } else {
+        contribution = stdet::ref_grad_contribution(
+            codes[k], static_cast<float>(a[slots.embedded_slot++]), g);
+      }
+    }
+    tile_code[threadIdx.x * kItems + k] = codes[k];
+    tile_contribution[threadIdx.x * kItems + k] = contribution;
+  }
+  __syncthreads();
+  for (int m = threadIdx.x; m < num_modes; m += blockDim.x) {
+    float sum = 0.0f;
+    for (int j = 0; j < kCompactBlock; ++j) sum += tile_code[j] == m ? tile_contribution[j] : 0.0f;
+    partials[static_cast<int64_t>(blockIdx.x) * num_modes + m] = sum;
+  }
+}
+
+void check_compact(const at::Tensor& code, const at::Tensor& offsets, const at::Tensor& a,
+                   const at::Tensor& b) {
+  check_cuda(code, "code");
+  check_cuda(offsets, "offsets");
+  check_cuda(a, "a");
+  check_cuda(b, "b");
+  TORCH_CHECK(offsets.scalar_type() == at::kInt, "offsets: expected int32");
+  TORCH_CHECK(offsets.numel() == (code.numel() + kCompactBlock - 1) / kCompactBlock + 1,
+              "offsets: expected one entry per block of ", kCompactBlock, " elements, plus one");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.numel() == b.numel(),
+              "a, b: expected one dtype and size");
+}
+
+template <bool kWithAverage>
+at::Tensor reconstruct_compact_impl(const at::Tensor& free_values, const at::Tensor& code,
+                                    const at::Tensor& offsets, const at::Tensor& a,
+                                    const at::Tensor& b, const at::Tensor& refs, at::Tensor* sma,
+                                    double alpha) {
+  check_cuda(free_values, "free_values");
+  check_compact(code, offsets, a, b);
+  TORCH_CHECK(free_values.numel() + a.numel() == code.numel(),
+              "free_values, a: expected one element of either per code");
+  const c10::cuda::CUDAGuard guard(code.device());
+  const at::Tensor refs_f32 = refs.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty(code.sizes(), free_values.options());
+  const int64_t n = code.numel();
+  if (n == 0) return out;
+  const int64_t blocks = offsets.numel() - 1;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, free_values.scalar_type(),
+                                  "reconstruct_compact", [&] {
+    using value_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(),
+                                    "reconstruct_compact", [&] {
+      using coef_t = scalar_t;
+      value_t* sma_ptr = nullptr;
+      if constexpr (kWithAverage) sma_ptr = sma->data_ptr<value_t>();
+      reconstruct_compact_kernel<value_t, coef_t, kWithAverage>
+          <<<blocks, kCompactThreads, 0, stream>>>(
+              free_values.data_ptr<value_t>(), code.data_ptr<uint8_t>(),
+              offsets.data_ptr<int32_t>(), a.data_ptr<coef_t>(), b.data_ptr<coef_t>(),
+              refs_f32.data_ptr<float>(), static_cast<int>(refs.numel()),
+              out.data_ptr<value_t>(), sma_ptr, static_cast<float>(alpha), n);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor reconstruct_compact(const at::Tensor& free_values, const at::Tensor& code,
+                               const at::Tensor& offsets, const at::Tensor& a, const at::Tensor& b,
+                               const at::Tensor& refs) {
+  return reconstruct_compact_impl<false>(free_values, code, offsets, a, b, refs, nullptr, 0.0);
+}
+
+at::Tensor reconstruct_compact_sma_(const at::Tensor& free_values, const at::Tensor& code,
+                                    const at::Tensor& offsets, const at::Tensor& a,
+                                    const at::Tensor& b, const at::Tensor& refs, at::Tensor sma,
+                                    double alpha) {
+  check_cuda(sma, "sma");
+  TORCH_CHECK(sma.scalar_type() == free_values.scalar_type() && sma.numel() == code.numel(),
+              "sma: expected the dtype of free_values and the number of elements of code");
+  return reconstruct_compact_impl<true>(free_values, code, offsets, a, b, refs, &sma, alpha);
+}
+
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward(const at::Tensor& grad,
+                                                                const at::Tensor& code,
+                                                                const at::Tensor& offsets,
+                                                                const at::Tensor& a,
+                                                                const at::Tensor& refs) {
+  check_cuda(grad, "grad");
+  check_compact(code, offsets, a, a);
+  TORCH_CHECK(grad.numel() == code.numel(), "grad: expected the number of elements of code");
+  const c10::cuda::CUDAGuard guard(code.device());
+  const int64_t n = code.numel();
+  const int num_modes = static_cast<int>(refs.numel());
+  const int64_t blocks = offsets.numel() - 1;
+  at::Tensor grad_free = at::empty({n - a.numel()}, grad.options());
+  at::Tensor grad_refs = at::zeros({num_modes}, grad.options().dtype(at::kFloat));
+  if (n == 0) return {grad_free, grad_refs.to(refs.scalar_type())};
+  at::Tensor partials = at::empty({blocks, std::max(num_modes, 1)}, grad_refs.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "reconstruct_compact_backward", [&] {
+    using value_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(),
+                                    "reconstruct_compact_backward", [&] {
+      using coef_t = scalar_t;
+      reconstruct_compact_backward_kernel<value_t, coef_t>
+          <<<blocks, kCompactThreads, 0, stream>>>(
+              grad.data_ptr<value_t>(), code.data_ptr<uint8_t>(), offsets.data_ptr<int32_t>(),
+              a.data_ptr<coef_t>(), grad_free.data_ptr<value_t>(), partials.data_ptr<float>(),
+              num_modes, n);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (num_modes > 0) {
+    sum_partials_kernel<<<(num_modes + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+        partials.data_ptr<float>(), blocks, num_modes, grad_refs.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {grad_free, grad_refs.to(refs.scalar_type())};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -251,4 +463,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reconstruct_sma_", &reconstruct_sma_, "reconstruct, and sma += alpha * (w - sma)");
   m.def("reconstruct_backward", &reconstruct_backward, "(dL/dvalue, dL/drefs) from dL/dw");
   m.def("lerp_", &lerp_, "averages[k] += alpha * (samples[k] - averages[k])");
+  m.def("reconstruct_compact", &reconstruct_compact, "reconstruct, compact layout");
+  m.def("reconstruct_compact_sma_", &reconstruct_compact_sma_,
+        "reconstruct_compact, and sma += alpha * (w - sma)");
+  m.def("reconstruct_compact_backward", &reconstruct_compact_backward,
+        "(dL/dfree_values, dL/drefs) from dL/dw, compact layout");
 }

@@ -12,8 +12,7 @@ weight. The compact one keeps, per tensor:
   so no index is stored per element. `pack` builds all of it from the dense tensors.
 
 Same contract as `stdet_kernels.reconstruct`: float32 arithmetic, gradients to ``free_values`` and
-``refs``. Backends: triton, cpp and torch (the CUDA extension has no compact kernel yet: on GPU the
-Triton kernel runs).
+``refs``, the same four backends.
 """
 
 import torch

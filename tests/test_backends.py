@@ -33,7 +33,8 @@ def test_cuda_extension_was_compiled_and_links() -> None:
     assert "cuda" not in stdet_kernels.unavailable_reasons(), stdet_kernels.unavailable_reasons()
     from stdet_kernels import _C_cuda
 
-    for name in ("reconstruct", "reconstruct_sma_", "reconstruct_backward", "lerp_"):
+    ops = ("reconstruct", "reconstruct_sma_", "reconstruct_backward", "lerp_")
+    for name in (*ops, "reconstruct_compact", "reconstruct_compact_sma_", "reconstruct_compact_backward"):
         assert callable(getattr(_C_cuda, name))
 
 
