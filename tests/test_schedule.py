@@ -87,10 +87,14 @@ def test_end_to_end_warmup_fit_and_three_rounds() -> None:
     assert torch.equal(after[dummy], before[dummy])
     assert not torch.equal(after[codes == FREE], before[codes == FREE])
     assert st.refs.grad is not None and st.refs.grad.abs().sum() > 0
+    # Embedded elements have left training: the trainable values and the optimizer's moments hold
+    # one entry per FREE element, no more.
     for name in st.names:
-        moments = optimizer.state[st._value(name)]["exp_avg"].view(-1)
-        embedded_code = st._embedded()[name].code.view(-1) != FREE
-        assert torch.all(moments[embedded_code] == 0)
+        free = int((st._embedded()[name].code == FREE).sum())
+        value = st._value(name)
+        assert value.shape == (free,)
+        assert optimizer.state[value]["exp_avg"].shape == (free,)
+        assert optimizer.state[value]["exp_avg_sq"].shape == (free,)
 
     # The exported model codes an image with plain CompressAI.
     plain = FactorizedPrior.from_state_dict(stdet.export_state_dict(model)).eval()
@@ -170,3 +174,39 @@ def test_misuse_gives_clear_errors() -> None:
     st = stdet.STDET(small, torch.optim.Adam(small.parameters()), stdet.STDETConfig(**CONFIG))
     with pytest.raises(ValueError, match="^state: was saved for a different model"):
         st.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda params: torch.optim.Adam(params, lr=1e-3),
+        lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
+        lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
+    ],
+    ids=["Adam", "AdamW", "SGD-momentum"],
+)
+def test_rewiring_keeps_the_state_of_elements_that_stay_free(make_optimizer) -> None:
+    torch.manual_seed(0)
+    model = FactorizedPrior(N=8, M=12)
+    optimizer = make_optimizer([p for n, p in model.named_parameters() if not n.endswith(".quantiles")])
+    st = stdet.STDET(model, optimizer, stdet.STDETConfig(**CONFIG))
+    for step in range(25):
+        optimizer.zero_grad()
+        loss = _rd_loss(model, _batch(step))
+        loss.backward()
+        optimizer.step()
+        if step == 24:  # the first round runs in this st.step: look at the state just before it
+            name = "g_a.0.weight"
+            value = st._value(name)
+            code_before = st._embedded()[name].code.clone()
+            state_before = {k: v.clone() for k, v in optimizer.state[value].items() if v.dim() > 0}
+        st.step(loss)
+    assert [h["event"] for h in st.history] == ["attach", "round"]
+    code_after = st._embedded()[name].code
+    stays = code_after.reshape(-1)[code_before.reshape(-1) == FREE] == FREE
+    assert 0 < int(stays.sum()) < stays.numel()
+    for key, before in state_before.items():
+        after = optimizer.state[value][key]
+        assert after.shape == (int((code_after == FREE).sum()),)
+        assert torch.equal(after, before[stays]), key
+    _train(model, optimizer, st, range(25, 30))  # training goes on with the rewired optimizer

@@ -87,28 +87,72 @@ def embeddable_parameters(
     return chosen
 
 
+def remap_free(array: torch.Tensor, old_code: torch.Tensor, new_code: torch.Tensor) -> torch.Tensor:
+    """An array indexed by FREE element (compact order) after the FREE set changes from `old_code` to
+    `new_code`: elements that stay FREE keep their entries, newly FREE ones get 0."""
+    dense = torch.zeros(old_code.numel(), dtype=array.dtype, device=array.device)
+    dense[old_code.reshape(-1) == FREE] = array.reshape(-1)
+    return dense[new_code.reshape(-1) == FREE]
+
+
 class Embedded(nn.Module):
-    """``weight = reconstruct(value, code, a, b, refs)``; the parametrized tensor's trainable storage
-    (``parametrizations.<name>.original``) is ``value``. Buffers ``code``, ``a``, ``b`` have the
-    weight's shape; ``refs`` is the model-wide reference parameter, shared by every `Embedded`.
+    """``weight = reconstruct_compact(free_values, code, offsets, a, b, refs)`` (the compact layout of
+    `stdet_kernels.compact`). The parametrized tensor's trainable storage
+    (``parametrizations.<name>.original``) holds only the FREE elements' values; buffers ``code`` (the
+    weight's shape), ``offsets``, and ``a``, ``b`` for the other elements, in `coefficient_dtype`.
+    ``refs`` is the model-wide reference parameter, shared by every `Embedded`.
     """
 
-    def __init__(self, weight: torch.Tensor, refs: nn.Parameter, mask: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        refs: nn.Parameter,
+        mask: torch.Tensor | None = None,
+        coefficient_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         code = torch.full(weight.shape, FREE, dtype=torch.uint8, device=weight.device)
         if mask is not None:
             code[mask == 0] = DUMMY  # b = 0 there: the reconstruction is masked
+        embedded = int((code != FREE).sum())
+        dtype = coefficient_dtype or weight.dtype
         self.register_buffer("code", code)
-        self.register_buffer("a", torch.zeros_like(weight, memory_format=torch.contiguous_format))
-        self.register_buffer("b", torch.zeros_like(weight, memory_format=torch.contiguous_format))
+        self.register_buffer("offsets", stdet_kernels.compact_offsets(code))
+        self.register_buffer("a", torch.zeros(embedded, dtype=dtype, device=weight.device))
+        self.register_buffer("b", torch.zeros(embedded, dtype=dtype, device=weight.device))
         self.refs = refs
 
-    def forward(self, value: torch.Tensor) -> torch.Tensor:
-        return stdet_kernels.reconstruct(value, self.code, self.a, self.b, self.refs)
+    def forward(self, free_values: torch.Tensor) -> torch.Tensor:
+        return stdet_kernels.reconstruct_compact(
+            free_values, self.code, self.offsets, self.a, self.b, self.refs
+        )
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        """Assigning a weight makes it the stored value (meaningful where the element is FREE)."""
-        return weight
+        """A weight assigned to the layer sets the FREE elements' values; embedded ones keep theirs."""
+        return weight.detach().reshape(-1)[self.code.reshape(-1) == FREE].clone()
+
+    def dense(self, free_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(value, a, b) in the dense layout, the weight's shape and dtype; 0 where nothing is stored."""
+        value, a, b = stdet_kernels.unpack(free_values.detach(), self.code, self.a, self.b)
+        return value, a.to(value.dtype), b.to(value.dtype)
+
+    @torch.no_grad()
+    def repack(
+        self,
+        free_values: nn.Parameter,
+        value: torch.Tensor,
+        code: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+    ) -> None:
+        """Take a new dense state. `free_values` (the trainable parameter) is resized in place
+        (``set_``), so optimizers keep referring to it; their per-element state is the caller's job."""
+        new_values, offsets, new_a, new_b = stdet_kernels.pack(value, code, a, b, self.a.dtype)
+        self.code.copy_(code.view(self.code.shape))
+        self.offsets = offsets
+        self.a, self.b = new_a, new_b
+        free_values.set_(new_values.to(free_values.dtype))
+        free_values.grad = None
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -135,10 +179,13 @@ def attach(
     include_gdn: bool = False,
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
+    coefficient_dtype: torch.dtype | None = None,
 ) -> nn.Parameter:
     """Parametrize every embeddable tensor of `model` (all FREE) and return the shared `refs`.
 
     `refs` starts with `num_modes` zeros; mode discovery fills it. The model's outputs are unchanged.
+    The trainable parameters keep their identity (optimizers keep referring to them) but become 1-D,
+    holding the FREE elements only: optimizer state kept for them no longer fits (`STDET` remaps it).
     """
     if parametrized_tensors(model):
         raise RuntimeError("attach: the model already has STDET parametrizations (attached twice?)")
@@ -154,7 +201,9 @@ def attach(
         module, param_name = _owner(model, name)
         mask = getattr(module, "mask", None) if param_name == "weight" else None
         weight = getattr(module, param_name)
-        parametrize.register_parametrization(module, param_name, Embedded(weight.detach(), refs, mask))
+        parametrize.register_parametrization(
+            module, param_name, Embedded(weight.detach(), refs, mask, coefficient_dtype)
+        )
     return refs
 
 
@@ -165,8 +214,8 @@ def embedding_state(model: nn.Module) -> dict[str, object]:
     refs = None
     for name, embedded in parametrized_tensors(model).items():
         module, param_name = _owner(model, name)
-        value = module.parametrizations[param_name].original
-        state[name] = {"value": value.detach(), "code": embedded.code, "a": embedded.a, "b": embedded.b}
+        value, a, b = embedded.dense(module.parametrizations[param_name].original)
+        state[name] = {"value": value, "code": embedded.code, "a": a, "b": b}
         refs = embedded.refs
     if refs is None:
         raise ValueError("model: has no STDET parametrizations (call attach first)")

@@ -12,8 +12,9 @@ stable, frozen (DUMMY) otherwise. A round that raises the smoothed loss by more 
 undone and the rate halved. Embedded elements get no update: their optimizer moments are zeroed, and
 their gradient is zero from then on.
 
-This first version keeps the dense layout (full-size value, a, b next to each weight); the compact
-layout that shrinks training state comes later.
+Storage is the compact layout (`stdet_kernels.compact`): a tensor's trainable parameter holds only
+its FREE elements and shrinks at every round; the optimizer's per-element state (moments) and the
+sensitivity estimate shrink with it, the entries of elements that stay free kept as they were.
 """
 
 import logging
@@ -26,7 +27,7 @@ from stdet_kernels import DUMMY, FREE
 
 from .config import STDETConfig
 from .modes import ModeFit, OnlineRefit, fit_modes
-from .parametrize import Embedded, attach, embeddable_parameters, parametrized_tensors
+from .parametrize import Embedded, attach, embeddable_parameters, parametrized_tensors, remap_free
 from .trajectory import TrajectoryRecorder, layout
 
 log = logging.getLogger("stdet")
@@ -160,12 +161,34 @@ class STDET:
 
     def _attach(self, num_modes: int) -> None:
         config = self.config
-        self.refs = attach(self.model, num_modes, config.include_gdn, config.include, config.exclude)
+        before = {name: self.model.get_parameter(name).shape for name in self.names}
+        self.refs = attach(
+            self.model,
+            num_modes,
+            config.include_gdn,
+            config.include,
+            config.exclude,
+            coefficient_dtype=_DTYPES[config.coefficient_dtype],
+        )
         if list(self._embedded()) != self.names:
             raise RuntimeError("attach: parametrized a different set of tensors than was recorded")
+        for name, embedded in self._embedded().items():
+            # The parameter is now 1-D over its FREE elements (all but a masked convolution's
+            # masked-out ones): so must its optimizer state be.
+            all_free = torch.full(before[name], FREE, dtype=torch.uint8, device=embedded.code.device)
+            self._remap_state(self._value(name), all_free, embedded.code)
         self.optimizer.add_param_group({"params": [self.refs]})
         self.sensitivity = {name: torch.zeros_like(self._value(name)) for name in self.names}
         self.phase = "embedding"
+
+    def _remap_state(self, param: nn.Parameter, old_code: torch.Tensor, new_code: torch.Tensor) -> None:
+        """Per-element optimizer state of `param` (moments, momentum buffers) follows its FREE set
+        from `old_code` to `new_code`; scalar state (Adam's step) stays."""
+        state = self.optimizer.state.get(param, {})
+        old_numel = int((old_code == FREE).sum())
+        for key, tensor in list(state.items()):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.numel() == old_numel:
+                state[key] = remap_free(tensor, old_code, new_code)
 
     def _start_embedding(self) -> None:
         generator = torch.Generator().manual_seed(self.config.seed)
@@ -197,21 +220,31 @@ class STDET:
             score = grad.square() if self.config.sensitivity == "fisher" else (grad * value.detach()).abs_()
             self.sensitivity[name].mul_(decay).add_(score, alpha=1.0 - decay)
 
-    def _embed(self, indices: torch.Tensor, modes: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Give flat elements `indices` codes `modes` (a mode, or DUMMY) and coefficients; they leave
-        the optimizer (moments zeroed)."""
-        embedded = self._embedded()
-        for name, local, where in self._pieces(indices):
-            target = embedded[name]
-            target.code.view(-1)[local] = modes[where].to(target.code.device)
-            target.a.view(-1)[local] = a[where].to(target.a)
-            target.b.view(-1)[local] = b[where].to(target.b)
-            self._clear_optimizer_state(self._value(name), local)
+    def _edit(self, name: str, local: torch.Tensor, code, value=None, a=None, b=None) -> None:
+        """Set code (and value, a, b where given) of elements `local` of tensor `name`, repack its
+        compact layout, and carry the optimizer state and the sensitivity of the elements that stay
+        FREE over to the new layout (newly FREE elements start from zero)."""
+        embedded = self._embedded()[name]
+        param = self._value(name)
+        old_code = embedded.code.clone()
+        dense_value, dense_a, dense_b = embedded.dense(param)
+        new_code = old_code.clone()
+        device = new_code.device
+        new_code.view(-1)[local.to(device)] = code.to(device) if isinstance(code, torch.Tensor) else code
+        for dense, update in ((dense_value, value), (dense_a, a), (dense_b, b)):
+            if update is not None:
+                dense.view(-1)[local.to(device)] = (
+                    update.to(dense) if isinstance(update, torch.Tensor) else update
+                )
+        embedded.repack(param, dense_value, new_code, dense_a, dense_b)
+        self._remap_state(param, old_code, new_code)
+        self.sensitivity[name] = remap_free(self.sensitivity[name], old_code, new_code)
 
-    def _clear_optimizer_state(self, param: nn.Parameter, local: torch.Tensor) -> None:
-        for state in self.optimizer.state.get(param, {}).values():
-            if isinstance(state, torch.Tensor) and state.shape == param.shape:
-                state.view(-1)[local.to(state.device)] = 0
+    def _embed(self, indices: torch.Tensor, modes: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Give flat elements `indices` codes `modes` (a mode, or DUMMY) and coefficients: they leave
+        the trainable values and the optimizer."""
+        for name, local, where in self._pieces(indices):
+            self._edit(name, local, modes[where], a=a[where], b=b[where])
 
     def _round(self) -> None:
         config = self.config
@@ -222,7 +255,9 @@ class STDET:
         self.last_round = self.step_count
         if count <= 0 or free.numel() == 0:
             return
-        sensitivity = self._flat(self.sensitivity)[free]
+        sensitivity = torch.cat(
+            [self.sensitivity[piece.name].reshape(-1).float().cpu() for piece in self.slices]
+        )
         unprotected = free.numel() - math.floor(config.protect * free.numel())
         chosen = free[sensitivity.argsort(stable=True)[: min(count, unprotected)]]
         if self.refit is not None:
@@ -279,14 +314,9 @@ class STDET:
         # Undo: the round's elements return to FREE with their current values.
         indices = pending["indices"]
         weights = self.flat_weights()
-        embedded = self._embedded()
         with torch.no_grad():
             for name, local, where in self._pieces(indices):
-                target = embedded[name]
-                self._value(name).view(-1)[local] = weights[indices[where]].to(target.a)
-                target.code.view(-1)[local] = FREE
-                target.a.view(-1)[local] = 0
-                target.b.view(-1)[local] = 0
+                self._edit(name, local, FREE, value=weights[indices[where]], a=0.0, b=0.0)
         self.rate /= 2
         decision = {
             "step": self.step_count,
@@ -323,6 +353,7 @@ class STDET:
             "last_a": self.last_a,
             "last_b": self.last_b,
             "sensitivity": {name: s.clone() for name, s in self.sensitivity.items()},
+            "codes": {name: e.code.clone() for name, e in self._embedded().items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -347,5 +378,12 @@ class STDET:
         if state["refit"] is not None:
             self.refit = OnlineRefit.from_state_dict(state["refit"])
         self.last_a, self.last_b = state["last_a"], state["last_b"]
-        for name, saved in state["sensitivity"].items():
-            self.sensitivity[name].copy_(saved)
+        with torch.no_grad():
+            for name, embedded in self._embedded().items():
+                # The saved layout, so that the model's and the optimizer's state dicts fit; the
+                # values themselves come with the model's state dict.
+                param = self._value(name)
+                code = state["codes"][name].to(embedded.code.device)
+                zeros = torch.zeros(code.shape, dtype=param.dtype, device=param.device)
+                embedded.repack(param, zeros, code, zeros, zeros)
+        self.sensitivity = {name: saved.clone() for name, saved in state["sensitivity"].items()}
