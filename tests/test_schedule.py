@@ -57,18 +57,16 @@ def test_end_to_end_warmup_fit_and_three_rounds() -> None:
     model, optimizer, st = _setup(config)
     losses: list[float] = []
     _train(model, optimizer, st, range(20), losses)
-    assert st.phase == "embedding" and st.fit.num_modes >= 1
+    assert st.phase == "embedding" and st.num_modes >= 1
     refs_only = st.embedded_fraction()
-    assert refs_only == pytest.approx(st.fit.num_modes / st.elements)
+    assert refs_only == pytest.approx(st.num_modes / st.elements)
     _train(model, optimizer, st, range(20, 39), losses)  # rounds at steps 25, 30, 35
     rounds = [h for h in st.history if h["event"] == "round"]
     assert len(rounds) == 3 and not any(h["event"] == "undone" for h in st.history)
     assert all(math.isfinite(loss) for loss in losses)
     # Each round embeds 30% of the free elements (the protected 10% are never reached).
     assert st.embedded_fraction() == pytest.approx(1 - (1 - refs_only) * 0.7**3, abs=2e-3)
-    assert st.trainable_fraction() == pytest.approx(
-        1 - st.embedded_fraction() + st.fit.num_modes / st.elements
-    )
+    assert st.trainable_fraction() == pytest.approx(1 - st.embedded_fraction() + st.num_modes / st.elements)
     assert sum(h["true"] for h in rounds) > 0 and sum(h["dummy"] for h in rounds) > 0
 
     # The inspection contract: the weight is the reconstruction of the embedding state.
@@ -87,8 +85,11 @@ def test_end_to_end_warmup_fit_and_three_rounds() -> None:
     assert torch.equal(after[dummy], before[dummy])
     assert not torch.equal(after[codes == FREE], before[codes == FREE])
     assert st.refs.grad is not None and st.refs.grad.abs().sum() > 0
-    # Embedded elements have left training: the trainable values and the optimizer's moments hold
-    # one entry per FREE element, no more.
+    # Embedded elements have left training: the trainable values, the optimizer's moments and the
+    # schedule's own per-element statistics hold one entry per FREE element, no more.
+    free_total = int((st._flat_codes() == FREE).sum())
+    assert all(getattr(st.refit, name).numel() == free_total for name in st.refit.PER_ELEMENT)
+    assert sum(s.numel() for s in st.sensitivity.values()) == free_total
     for name in st.names:
         free = int((st._embedded()[name].code == FREE).sum())
         value = st._value(name)
@@ -146,9 +147,10 @@ def test_a_round_that_raises_the_loss_is_undone() -> None:
     events = [h["event"] for h in st.history]
     assert events == ["attach", "round", "undone", "round"]
     assert st.rate == pytest.approx(CONFIG["embed_rate"] / 2) and st.history[-1]["rate"] == st.rate
-    refs_only = st.fit.num_modes / st.elements
+    refs_only = st.num_modes / st.elements
     assert embedded_before_judgement == pytest.approx(refs_only + 0.3 * (1 - refs_only), abs=2e-3)
     assert st.embedded_fraction() == pytest.approx(refs_only + 0.15 * (1 - refs_only), abs=2e-3)
+    assert st.refit.mean.numel() == int((st._flat_codes() == FREE).sum())
     # Neither undoing nor embedding (with continuity) changes a weight.
     torch.testing.assert_close(st.flat_weights(), weights_before_judgement, rtol=0, atol=1e-6)
 

@@ -185,20 +185,27 @@ def fit_modes(
 
 
 class OnlineRefit:
-    """Exact least squares of every element on its reference over all snapshots seen so far, kept by
-    recursive updates of running moments (Welford): O(1) memory per element per snapshot, no stored
-    trajectories. Starts from the warm-up's moments in a `ModeFit`.
+    """Exact least squares of elements on their references over every snapshot so far, kept by
+    recursive updates of running moments (Welford): no stored trajectories. Starts from the warm-up's
+    moments in a `ModeFit`.
+
+    It follows a subset of the elements (STDET: the FREE ones): per-element arrays hold the tracked
+    elements only, in element order, and `remap` follows the subset as it changes. It also keeps each
+    tracked element's ``a, b`` at the last `mark`, to measure their drift since.
     """
 
+    PER_ELEMENT = ("mode", "mean", "moment2", "comoment", "marked_a", "marked_b")
+
     def __init__(self, fit: ModeFit) -> None:
-        self.mode = fit.mode.long()
         self.references = fit.references
         self.count = fit.count
+        self.mode = fit.mode.clone()
         self.mean = fit.mean.clone()
         self.moment2 = fit.moment2.clone()
         self.comoment = fit.comoment.clone()
         self.ref_mean = fit.mean[fit.references].clone()
         self.ref_moment2 = fit.moment2[fit.references].clone()
+        self.marked_a, self.marked_b = fit.a.clone(), fit.b.clone()
 
     def state_dict(self) -> dict[str, object]:
         return dict(vars(self))
@@ -209,40 +216,68 @@ class OnlineRefit:
         vars(refit).update(state)
         return refit
 
-    def update(self, snapshot: torch.Tensor) -> None:
-        """Add one snapshot: the flat values ``(N,)`` of all elements (references included)."""
-        if snapshot.shape != self.mean.shape:
-            raise ValueError(
-                f"snapshot: expected shape {tuple(self.mean.shape)}, got {tuple(snapshot.shape)}"
-            )
-        w = snapshot.detach().float().cpu()
-        if self.references.numel() == 0:
-            self.count += 1
-            delta = w - self.mean
-            self.mean += delta / self.count
-            self.moment2 += delta * (w - self.mean)
-            return
-        r = w[self.references]
+    def update(self, snapshot: torch.Tensor, tracked: torch.Tensor | None = None) -> None:
+        """Add one snapshot: `snapshot` holds every element's value (references included) and
+        `tracked` (bool, same size) marks the tracked ones; None means all elements are tracked."""
+        snapshot = snapshot.detach().float().cpu().reshape(-1)
+        w = snapshot if tracked is None else snapshot[tracked]
+        if w.shape != self.mean.shape:
+            raise ValueError(f"snapshot: expected {self.mean.numel()} tracked elements, got {w.numel()}")
         self.count += 1
         delta_w = w - self.mean
-        delta_r = r - self.ref_mean
         self.mean += delta_w / self.count
+        self.moment2 += delta_w * (w - self.mean)
+        if self.references.numel() == 0:
+            return
+        r = snapshot[self.references]
+        delta_r = r - self.ref_mean
         self.ref_mean += delta_r / self.count
         # Welford's co-moment update: old deviation of one times new deviation of the other.
-        self.comoment += delta_w * (r - self.ref_mean)[self.mode]
-        self.moment2 += delta_w * (w - self.mean)
+        self.comoment += delta_w * (r - self.ref_mean)[self.mode.long()]
         self.ref_moment2 += delta_r * (r - self.ref_mean)
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(a, b, R^2) of every element on its reference, over every snapshot so far."""
+        """(a, b, R^2) of every tracked element on its reference, over every snapshot so far."""
         if self.references.numel() == 0:
             zeros = torch.zeros_like(self.mean)
             return zeros, self.mean.clone(), zeros
-        ref_var = self.ref_moment2[self.mode]
+        mode = self.mode.long()
+        ref_var = self.ref_moment2[mode]
         a = torch.where(ref_var > 0, self.comoment / torch.where(ref_var > 0, ref_var, 1.0), 0.0)
-        b = self.mean - a * self.ref_mean[self.mode]
+        b = self.mean - a * self.ref_mean[mode]
         denominator = self.moment2 * ref_var
         r2 = torch.where(
             denominator > 0, self.comoment.square() / torch.where(denominator > 0, denominator, 1.0), 0.0
         ).clamp(0.0, 1.0)
         return a, b, r2
+
+    def mark(self) -> None:
+        """Remember the current ``a, b`` as the reference point of `drift`."""
+        self.marked_a, self.marked_b, _ = self.coefficients()
+
+    def drift(self) -> torch.Tensor:
+        """Relative change of each tracked element's ``a, b`` since the last `mark`."""
+        a, b, _ = self.coefficients()
+        change = (a - self.marked_a).abs() + (b - self.marked_b).abs()
+        return change / (self.marked_a.abs() + self.marked_b.abs() + 1e-12)
+
+    def entries(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-element arrays at `positions` (in tracked order), e.g. to restore them later."""
+        return {name: getattr(self, name)[positions].clone() for name in self.PER_ELEMENT}
+
+    def remap(
+        self,
+        old_tracked: torch.Tensor,
+        new_tracked: torch.Tensor,
+        restore: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Follow the tracked set from mask `old_tracked` to `new_tracked` (bool over all elements).
+        Newly tracked elements get zeros, or the `entries` in `restore` = (their element indices,
+        entries)."""
+        for name in self.PER_ELEMENT:
+            array = getattr(self, name)
+            dense = torch.zeros(old_tracked.numel(), dtype=array.dtype)
+            dense[old_tracked] = array
+            if restore is not None:
+                dense[restore[0]] = restore[1][name]
+            setattr(self, name, dense[new_tracked])

@@ -26,7 +26,7 @@ from torch import nn
 from stdet_kernels import DUMMY, FREE
 
 from .config import STDETConfig
-from .modes import ModeFit, OnlineRefit, fit_modes
+from .modes import OnlineRefit, fit_modes
 from .parametrize import Embedded, attach, embeddable_parameters, parametrized_tensors, remap_free
 from .trajectory import TrajectoryRecorder, layout
 
@@ -80,10 +80,10 @@ class STDET:
         self.losses: list[tuple[int, float]] = []
         self.pending: dict | None = None
         self.last_round = 0
-        self.fit: ModeFit | None = None
-        self.refit: OnlineRefit | None = None
+        self.references: torch.Tensor | None = None  # flat index of each mode's reference element
+        self.mode: torch.Tensor | None = None  # (elements,) uint8: the mode each element follows
+        self.refit: OnlineRefit | None = None  # a, b, R^2 of the FREE elements
         self.refs: nn.Parameter | None = None
-        self.last_a = self.last_b = None
         self.sensitivity: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -135,8 +135,8 @@ class STDET:
                 self._start_embedding()
             return
         self._update_sensitivity()
-        if self.refit is not None and self.step_count % self.snapshot_interval == 0:
-            self.refit.update(self.flat_weights())
+        if self.config.refit and self.step_count % self.snapshot_interval == 0:
+            self.refit.update(self.flat_weights(), self._flat_codes() == FREE)
         if self.pending is not None and self.step_count >= self.pending["step"] + self.config.safety_window:
             self._judge()
         due = self.step_count - self.last_round >= self.config.embed_every
@@ -190,25 +190,29 @@ class STDET:
             if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.numel() == old_numel:
                 state[key] = remap_free(tensor, old_code, new_code)
 
+    @property
+    def num_modes(self) -> int:
+        return 0 if self.references is None else int(self.references.numel())
+
     def _start_embedding(self) -> None:
         generator = torch.Generator().manual_seed(self.config.seed)
-        self.fit = fit_modes(
+        fit = fit_modes(
             self.recorder.trajectories(), self.slices, self.config.samples, self.config.modes, generator
         )
         self.recorder = None  # the trajectories are not needed any more
+        self.references, self.mode = fit.references, fit.mode
         weights = self.flat_weights()
-        self._attach(self.fit.num_modes)
+        self._attach(fit.num_modes)
         with torch.no_grad():
-            self.refs.copy_(weights[self.fit.references].to(self.refs.dtype))
-            modes = torch.arange(self.fit.num_modes, dtype=torch.uint8)
-            self._embed(
-                self.fit.references, modes, torch.ones(self.fit.num_modes), torch.zeros(self.fit.num_modes)
-            )
-        self.refit = OnlineRefit(self.fit) if self.config.refit else None
-        self.last_a, self.last_b = self.fit.a.clone(), self.fit.b.clone()
+            self.refs.copy_(weights[fit.references].to(self.refs.dtype))
+            modes = torch.arange(fit.num_modes, dtype=torch.uint8)
+            self._embed(fit.references, modes, torch.ones(fit.num_modes), torch.zeros(fit.num_modes))
+        # From here on only the FREE elements' fits are kept.
+        self.refit = OnlineRefit(fit)
+        self.refit.remap(torch.ones(self.elements, dtype=torch.bool), self._flat_codes() == FREE)
         self.last_round = self.step_count
-        log.info("stdet: step %d: %d modes fitted, model attached", self.step_count, self.fit.num_modes)
-        self.history.append({"step": self.step_count, "event": "attach", "modes": self.fit.num_modes})
+        log.info("stdet: step %d: %d modes fitted, model attached", self.step_count, fit.num_modes)
+        self.history.append({"step": self.step_count, "event": "attach", "modes": fit.num_modes})
 
     def _update_sensitivity(self) -> None:
         decay = self.config.sensitivity_decay
@@ -259,28 +263,25 @@ class STDET:
             [self.sensitivity[piece.name].reshape(-1).float().cpu() for piece in self.slices]
         )
         unprotected = free.numel() - math.floor(config.protect * free.numel())
-        chosen = free[sensitivity.argsort(stable=True)[: min(count, unprotected)]]
-        if self.refit is not None:
-            a, b, r2 = self.refit.coefficients()
-        else:
-            a, b, r2 = self.fit.a, self.fit.b, self.fit.r2
-        drift = ((a - self.last_a).abs() + (b - self.last_b).abs()) / (
-            self.last_a.abs() + self.last_b.abs() + 1e-12
-        )
-        good = (r2[chosen] >= config.min_r2) & (drift[chosen] <= config.max_drift)
+        positions = sensitivity.argsort(stable=True)[: min(count, unprotected)]  # in FREE order
+        chosen = free[positions]
+        a, b, r2 = self.refit.coefficients()
+        good = (r2[positions] >= config.min_r2) & (self.refit.drift()[positions] <= config.max_drift)
         weights = self.flat_weights()
-        mode = self.fit.mode[chosen]
-        chosen_a = torch.where(good, a[chosen], 0.0)
+        mode = self.mode[chosen]
+        chosen_a = torch.where(good, a[positions], 0.0)
         refs = self.refs.detach().float().cpu()
         # Continuity: b such that the element keeps its current value; else the fitted line's b.
-        fitted_b = weights[chosen] - chosen_a * refs[mode.long()] if config.continuity else b[chosen]
+        fitted_b = weights[chosen] - chosen_a * refs[mode.long()] if config.continuity else b[positions]
         chosen_b = torch.where(good, fitted_b, weights[chosen])
         codes_new = torch.where(good, mode, torch.tensor(DUMMY, dtype=torch.uint8))
+        stash = self.refit.entries(positions)  # to restore if the round is undone
+        self.refit.mark()
         with torch.no_grad():
             self._embed(chosen, codes_new, chosen_a, chosen_b)
-        self.last_a, self.last_b = a.clone(), b.clone()
+        self.refit.remap(codes == FREE, self._flat_codes() == FREE)
         before = self._mean_loss(self.step_count - config.safety_window, self.step_count)
-        self.pending = {"step": self.step_count, "before": before, "indices": chosen}
+        self.pending = {"step": self.step_count, "before": before, "indices": chosen, "refit": stash}
         decision = {
             "step": self.step_count,
             "event": "round",
@@ -314,9 +315,11 @@ class STDET:
         # Undo: the round's elements return to FREE with their current values.
         indices = pending["indices"]
         weights = self.flat_weights()
+        free_before = self._flat_codes() == FREE
         with torch.no_grad():
             for name, local, where in self._pieces(indices):
                 self._edit(name, local, FREE, value=weights[indices[where]], a=0.0, b=0.0)
+        self.refit.remap(free_before, self._flat_codes() == FREE, restore=(indices, pending["refit"]))
         self.rate /= 2
         decision = {
             "step": self.step_count,
@@ -348,10 +351,9 @@ class STDET:
             "recorder": None
             if self.recorder is None
             else {"buffer": self.recorder.buffer.clone(), "count": self.recorder.count},
-            "fit": None if self.fit is None else dict(vars(self.fit)),
+            "references": self.references,
+            "mode": self.mode,
             "refit": None if self.refit is None else self.refit.state_dict(),
-            "last_a": self.last_a,
-            "last_b": self.last_b,
             "sensitivity": {name: s.clone() for name, s in self.sensitivity.items()},
             "codes": {name: e.code.clone() for name, e in self._embedded().items()},
         }
@@ -373,11 +375,9 @@ class STDET:
         if state["phase"] == "warmup":
             return
         self.recorder = None
-        self.fit = ModeFit(**state["fit"])
-        self._attach(self.fit.num_modes)
-        if state["refit"] is not None:
-            self.refit = OnlineRefit.from_state_dict(state["refit"])
-        self.last_a, self.last_b = state["last_a"], state["last_b"]
+        self.references, self.mode = state["references"], state["mode"]
+        self._attach(self.num_modes)
+        self.refit = OnlineRefit.from_state_dict(state["refit"])
         with torch.no_grad():
             for name, embedded in self._embedded().items():
                 # The saved layout, so that the model's and the optimizer's state dicts fit; the
