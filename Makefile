@@ -49,6 +49,7 @@ format: $(VENV)/.deps
 bench: $(VENV)/.installed
 	$(PY) bench/run_bench.py
 	$(PY) bench/bench_fit.py
+	$(PY) bench/bench_memory.py
 
 wheel: $(VENV)/.deps
 	$(PY) -m build --wheel --no-isolation

@@ -131,7 +131,7 @@ def test_resumed_run_matches_the_uninterrupted_one() -> None:
 
 
 def test_a_round_that_raises_the_loss_is_undone() -> None:
-    config = stdet.STDETConfig(**CONFIG)
+    config = stdet.STDETConfig(**CONFIG, coefficient_dtype="float32")  # continuity exact to float32
     model, optimizer, st = _setup(config)
     # Real training, but the loss handed to st.step doubles right after the first round (step 25); the
     # round is judged at step 30, undone, and the next round runs at half the rate.
@@ -212,3 +212,28 @@ def test_rewiring_keeps_the_state_of_elements_that_stay_free(make_optimizer) -> 
         assert after.shape == (int((code_after == FREE).sum()),)
         assert torch.equal(after, before[stays]), key
     _train(model, optimizer, st, range(25, 30))  # training goes on with the rewired optimizer
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_coefficients_keep_continuity_to_their_precision(dtype: str) -> None:
+    """Embedding with 16-bit a, b moves an element by no more than the rounding of a and b."""
+    model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG, coefficient_dtype=dtype))
+    _train(model, optimizer, st, range(24))
+    optimizer.zero_grad()
+    loss = _rd_loss(model, _batch(24))
+    loss.backward()
+    optimizer.step()
+    codes_before, before = st._flat_codes(), st.flat_weights()
+    st.step(loss)  # the first round
+    assert st.history[-1]["event"] == "round"
+    assert st._embedded()[st.names[0]].a.dtype == getattr(torch, dtype)
+    newly = (codes_before == FREE) & (st._flat_codes() != FREE)
+    state = stdet.embedding_state(model)
+    a = torch.cat([state[n]["a"].reshape(-1) for n in st.names])
+    b = torch.cat([state[n]["b"].reshape(-1) for n in st.names])
+    codes = st._flat_codes().long()
+    ref = torch.where(codes < len(state["refs"]), state["refs"][codes.clamp(max=len(state["refs"]) - 1)], 0.0)
+    ulp = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
+    bound = ulp * (b.abs() + (a * ref).abs()) + 1e-7
+    moved = (st.flat_weights() - before).abs()
+    assert bool(newly.any()) and torch.all(moved[newly] <= bound[newly])
