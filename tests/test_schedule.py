@@ -237,3 +237,29 @@ def test_16_bit_coefficients_keep_continuity_to_their_precision(dtype: str) -> N
     bound = ulp * (b.abs() + (a * ref).abs()) + 1e-7
     moved = (st.flat_weights() - before).abs()
     assert bool(newly.any()) and torch.all(moved[newly] <= bound[newly])
+
+
+def test_embedding_stops_at_max_embedded() -> None:
+    config = stdet.STDETConfig(**{**CONFIG, "protect": 0.0}, max_embedded=0.5)  # rate 0.3: 0.3, then 0.5
+    model, optimizer, st = _setup(config)
+    _train(model, optimizer, st, range(45))
+    assert st.embedded_fraction() == pytest.approx(0.5, abs=1e-3)
+    assert [h["event"] for h in st.history].count("round") >= 2
+
+
+def test_fisher_sensitivity_and_gdn_embedding_run() -> None:
+    config = stdet.STDETConfig(**CONFIG, sensitivity="fisher", include_gdn=True)
+    model, optimizer, st = _setup(config)
+    assert "g_a.1.beta" in st.names
+    _train(model, optimizer, st, range(26))
+    assert [h["event"] for h in st.history] == ["attach", "round"]
+    assert math.isfinite(float(_rd_loss(model, _batch(0)).detach()))
+
+
+def test_a_second_stdet_on_the_same_model_is_refused() -> None:
+    model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG))
+    _train(model, optimizer, st, range(20))  # attached now
+    with pytest.raises(RuntimeError, match="already has STDET parametrizations"):
+        stdet.STDET(model, optimizer, stdet.STDETConfig(**CONFIG))
+    with pytest.raises(RuntimeError, match="call it on a new STDET"):
+        st.load_state_dict(st.state_dict())
