@@ -18,8 +18,16 @@ Same contract as `stdet_kernels.reconstruct`: float32 arithmetic, gradients to `
 import torch
 from torch import Tensor
 
-from .backends import select
-from .ops import FLOAT_DTYPES, MAX_MODES, _check_alpha, _check_code_modes, _check_dtype, _check_tensor
+from .ops import (
+    FLOAT_DTYPES,
+    MAX_MODES,
+    CheckCache,
+    _check_alpha,
+    _check_dtype,
+    _check_tensor,
+    check_code_modes,
+    run_kernel,
+)
 from .reference import COMPACT_BLOCK, compact_offsets, pack, unpack
 
 __all__ = [
@@ -31,8 +39,7 @@ __all__ = [
     "unpack",
 ]
 
-# id(code) -> (code, its version, the offsets object it was checked with)
-_checked_layouts: dict[int, tuple[object, int, object]] = {}
+_checked_layouts = CheckCache()
 
 
 def _check_args(
@@ -74,14 +81,9 @@ def _check_args(
 
 
 def _check_layout(code: Tensor, offsets: Tensor, free_count: int) -> None:
-    """offsets must be those of code, and free_values hold one value per FREE code. Cached per
-    version of code: kernels trust offsets for their memory accesses."""
-    try:
-        version = code._version
-    except RuntimeError:
-        version = None
-    cached = _checked_layouts.get(id(code))
-    if version is not None and cached is not None and cached[0] is code and cached[1:] == (version, offsets):
+    """offsets must be those of code, and free_values hold one value per FREE code: kernels trust
+    offsets for their memory accesses (cached per version of code and offsets)."""
+    if _checked_layouts.passed(code, (offsets,), token=free_count):
         return
     expected = compact_offsets(code)
     if not torch.equal(offsets, expected):
@@ -92,26 +94,16 @@ def _check_layout(code: Tensor, offsets: Tensor, free_count: int) -> None:
         raise ValueError(
             f"free_values: expected {int(expected[-1])} values (one per FREE code), got {free_count}"
         )
-    if version is not None:
-        if len(_checked_layouts) > 4096:
-            _checked_layouts.clear()
-        _checked_layouts[id(code)] = (code, version, offsets)
+    _checked_layouts.remember(code, (offsets,), token=free_count)
 
 
 @torch.library.custom_op("stdet::reconstruct_compact", mutates_args=())
 def _reconstruct_compact_op(
     free_values: Tensor, code: Tensor, offsets: Tensor, a: Tensor, b: Tensor, refs: Tensor
 ) -> Tensor:
-    _check_code_modes(code, refs.numel())
+    check_code_modes(code, refs.numel())
     _check_layout(code, offsets, free_values.numel())
-    return select(code.device, "reconstruct_compact")(
-        free_values.contiguous(),
-        code.contiguous(),
-        offsets.contiguous(),
-        a.contiguous(),
-        b.contiguous(),
-        refs.contiguous(),
-    )
+    return run_kernel("reconstruct_compact", code.device, (free_values, code, offsets, a, b, refs))
 
 
 @_reconstruct_compact_op.register_fake
@@ -123,9 +115,7 @@ def _(free_values, code, offsets, a, b, refs):
 def _reconstruct_compact_backward_op(
     grad: Tensor, code: Tensor, offsets: Tensor, a: Tensor, refs: Tensor
 ) -> tuple[Tensor, Tensor]:
-    return select(grad.device, "reconstruct_compact_backward")(
-        grad.contiguous(), code.contiguous(), offsets.contiguous(), a.contiguous(), refs.contiguous()
-    )
+    return run_kernel("reconstruct_compact_backward", grad.device, (grad, code, offsets, a, refs))
 
 
 @_reconstruct_compact_backward_op.register_fake
@@ -158,22 +148,10 @@ def _reconstruct_compact_sma_op(
     sma: Tensor,
     alpha: float,
 ) -> Tensor:
-    _check_code_modes(code, refs.numel())
+    check_code_modes(code, refs.numel())
     _check_layout(code, offsets, free_values.numel())
-    sma_contiguous = sma.contiguous()
-    w = select(code.device, "reconstruct_compact_sma_")(
-        free_values.contiguous(),
-        code.contiguous(),
-        offsets.contiguous(),
-        a.contiguous(),
-        b.contiguous(),
-        refs.contiguous(),
-        sma_contiguous,
-        alpha,
-    )
-    if sma_contiguous is not sma:
-        sma.copy_(sma_contiguous)
-    return w
+    tensors = (free_values, code, offsets, a, b, refs)
+    return run_kernel("reconstruct_compact_sma_", code.device, tensors, sma, alpha)
 
 
 @_reconstruct_compact_sma_op.register_fake

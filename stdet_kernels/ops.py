@@ -75,23 +75,55 @@ def _check_alpha(alpha: object) -> float:
     return alpha
 
 
-# id(code) -> (weak reference to code, its version, number of modes it was checked against)
-_checked_codes: dict[int, tuple[weakref.ref, int, int]] = {}
-
-
-def _check_code_modes(code: Tensor, num_modes: int) -> None:
-    """Every embedded code must name a mode that refs has. Cached per version of `code`, since codes
-    change only at embedding rounds while the op runs every step."""
+def _version(t: Tensor) -> int | None:
     try:
-        version = code._version
-    except RuntimeError:  # inference tensors have no version counter: check every time
-        version = None
-    key = id(code)
-    cached = _checked_codes.get(key)
-    if version is not None and cached is not None:
-        ref, cached_version, cached_modes = cached
-        if ref() is code and cached_version == version and cached_modes == num_modes:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+class CheckCache:
+    """Remembers which tensors passed a value check, at which version and with which companions, so
+    a check costs a pass over memory when a tensor (or a new version of it) is first seen and nothing
+    after: codes change only at embedding rounds while the ops run every step. Holds weak references
+    only."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple] = {}
+
+    @staticmethod
+    def _key(tensor: Tensor, companions: tuple[Tensor, ...], token: object) -> tuple | None:
+        versions = [_version(t) for t in (tensor, *companions)]
+        if any(v is None for v in versions):
+            return None
+        return (tuple(versions), token)
+
+    def passed(self, tensor: Tensor, companions: tuple[Tensor, ...] = (), token: object = None) -> bool:
+        entry = self._entries.get(id(tensor))
+        if entry is None:
+            return False
+        refs, key = entry
+        same_objects = all(r() is t for r, t in zip(refs, (tensor, *companions), strict=False))
+        return (
+            same_objects and len(refs) == 1 + len(companions) and key == self._key(tensor, companions, token)
+        )
+
+    def remember(self, tensor: Tensor, companions: tuple[Tensor, ...] = (), token: object = None) -> None:
+        key = self._key(tensor, companions, token)
+        if key is None:
             return
+        if len(self._entries) > 4096:
+            self._entries.clear()
+        self._entries[id(tensor)] = (tuple(weakref.ref(t) for t in (tensor, *companions)), key)
+
+
+_checked_codes = CheckCache()
+
+
+def check_code_modes(code: Tensor, num_modes: int) -> None:
+    """Every embedded code must name a mode that refs has (cached per version of `code`)."""
+    if _checked_codes.passed(code, token=num_modes):
+        return
     invalid = (code >= num_modes) & (code < DUMMY)
     if bool(invalid.any()):
         bad = int(code[invalid][0])
@@ -99,10 +131,23 @@ def _check_code_modes(code: Tensor, num_modes: int) -> None:
             f"code: value {bad} names mode {bad}, but refs has {num_modes} modes "
             f"(valid codes: 0..{num_modes - 1}, {DUMMY} = DUMMY, {FREE} = FREE)"
         )
-    if version is not None:
-        if len(_checked_codes) > 4096:
-            _checked_codes.clear()
-        _checked_codes[key] = (weakref.ref(code), version, num_modes)
+    _checked_codes.remember(code, token=num_modes)
+
+
+def run_kernel(
+    op: str, device: torch.device, tensors: tuple[Tensor, ...], sma: Tensor | None = None, alpha: float = 0.0
+):
+    """Run backend kernel `op` on contiguous `tensors` (then ``sma, alpha`` for a fused op); an `sma`
+    that had to be copied to be contiguous is written back."""
+    kernel = select(device, op)
+    contiguous = tuple(t.contiguous() for t in tensors)
+    if sma is None:
+        return kernel(*contiguous)
+    sma_contiguous = sma.contiguous()
+    result = kernel(*contiguous, sma_contiguous, alpha)
+    if sma_contiguous is not sma:
+        sma.copy_(sma_contiguous)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,10 +156,8 @@ def _check_code_modes(code: Tensor, num_modes: int) -> None:
 
 @torch.library.custom_op("stdet::reconstruct", mutates_args=())
 def _reconstruct_op(value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor) -> Tensor:
-    _check_code_modes(code, refs.numel())
-    return select(value.device, "reconstruct")(
-        value.contiguous(), code.contiguous(), a.contiguous(), b.contiguous(), refs.contiguous()
-    )
+    check_code_modes(code, refs.numel())
+    return run_kernel("reconstruct", value.device, (value, code, a, b, refs))
 
 
 @_reconstruct_op.register_fake
@@ -124,9 +167,7 @@ def _(value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor) -> Tensor
 
 @torch.library.custom_op("stdet::reconstruct_backward", mutates_args=())
 def _reconstruct_backward_op(grad: Tensor, code: Tensor, a: Tensor, refs: Tensor) -> tuple[Tensor, Tensor]:
-    return select(grad.device, "reconstruct_backward")(
-        grad.contiguous(), code.contiguous(), a.contiguous(), refs.contiguous()
-    )
+    return run_kernel("reconstruct_backward", grad.device, (grad, code, a, refs))
 
 
 @_reconstruct_backward_op.register_fake
@@ -152,20 +193,8 @@ _reconstruct_op.register_autograd(_reconstruct_backward, setup_context=_reconstr
 def _reconstruct_sma_op(
     value: Tensor, code: Tensor, a: Tensor, b: Tensor, refs: Tensor, sma: Tensor, alpha: float
 ) -> Tensor:
-    _check_code_modes(code, refs.numel())
-    sma_contiguous = sma.contiguous()
-    w = select(value.device, "reconstruct_sma_")(
-        value.contiguous(),
-        code.contiguous(),
-        a.contiguous(),
-        b.contiguous(),
-        refs.contiguous(),
-        sma_contiguous,
-        alpha,
-    )
-    if sma_contiguous is not sma:
-        sma.copy_(sma_contiguous)
-    return w
+    check_code_modes(code, refs.numel())
+    return run_kernel("reconstruct_sma_", value.device, (value, code, a, b, refs), sma, alpha)
 
 
 @_reconstruct_sma_op.register_fake
