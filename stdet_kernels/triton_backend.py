@@ -37,6 +37,16 @@ def _to_storage(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _store_weight(w, offsets, mask, out_ptr, sma_ptr, alpha, WITH_AVERAGE: tl.constexpr):
+    """Store the reconstructed weight w and, for the fused op, update the average with it."""
+    tl.store(out_ptr + offsets, _to_storage(w, out_ptr.dtype.element_ty), mask=mask)
+    if WITH_AVERAGE:
+        average = tl.load(sma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        average = average + alpha * (w - average)
+        tl.store(sma_ptr + offsets, _to_storage(average, sma_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _reconstruct_fwd_kernel(
     value_ptr,
     code_ptr,
@@ -59,11 +69,7 @@ def _reconstruct_fwd_kernel(
     b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     ref = tl.load(refs_ptr + code, mask=mask & (code < num_modes), other=0.0)
     w = tl.where(code == FREE, value, tl.where(code == DUMMY, b, a * ref + b))
-    tl.store(out_ptr + offsets, _to_storage(w, out_ptr.dtype.element_ty), mask=mask)
-    if WITH_AVERAGE:
-        average = tl.load(sma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        average = average + alpha * (w - average)
-        tl.store(sma_ptr + offsets, _to_storage(average, sma_ptr.dtype.element_ty), mask=mask)
+    _store_weight(w, offsets, mask, out_ptr, sma_ptr, alpha, WITH_AVERAGE)
 
 
 @triton.jit
@@ -275,11 +281,7 @@ def _reconstruct_compact_fwd_kernel(
     b = tl.load(b_ptr + embedded_slot, mask=embedded, other=0.0).to(tl.float32)
     ref = tl.load(refs_ptr + code, mask=mask & (code < num_modes), other=0.0)
     w = tl.where(is_free, value, tl.where(code == DUMMY, b, a * ref + b))
-    tl.store(out_ptr + offsets, _to_storage(w, out_ptr.dtype.element_ty), mask=mask)
-    if WITH_AVERAGE:
-        average = tl.load(sma_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        average = average + alpha * (w - average)
-        tl.store(sma_ptr + offsets, _to_storage(average, sma_ptr.dtype.element_ty), mask=mask)
+    _store_weight(w, offsets, mask, out_ptr, sma_ptr, alpha, WITH_AVERAGE)
 
 
 @triton.jit
