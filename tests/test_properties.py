@@ -67,3 +67,48 @@ def test_gradients_match_the_reference(backend: str, inputs) -> None:
     assert torch.equal(grad_value, expected_value.float())
     magnitude = reference.reconstruct_backward(grad.double().abs(), code, a.double().abs(), refs.double())[1]
     assert torch.all((grad_refs.double() - expected_refs).abs() <= 1e-5 * magnitude + 1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(inputs=op_inputs())
+def test_compact_layout_is_bitwise_the_dense_op(backend: str, inputs) -> None:
+    """Packing changes where numbers are stored, not what is computed: same weights, same value
+    gradients, as the dense op on the same numbers."""
+    value, code, a, b, refs = inputs
+    free_values, offsets, packed_a, packed_b = stdet_kernels.pack(value, code, a, b)
+    grad = torch.randn_like(value)
+    with stdet_kernels.use_backend(backend):
+        w = stdet_kernels.reconstruct_compact(free_values, code, offsets, packed_a, packed_b, refs)
+        grad_free, grad_refs = torch.ops.stdet.reconstruct_compact_backward(
+            grad, code, offsets, packed_a, refs
+        )
+    _, dense_a, dense_b = stdet_kernels.unpack(free_values, code, packed_a, packed_b)
+    assert torch.equal(w, reference.reconstruct(value, code, dense_a, dense_b, refs))
+    assert torch.equal(grad_free, grad[code == FREE])
+    magnitude = reference.reconstruct_backward(
+        grad.double().abs(), code, dense_a.double().abs(), refs.double()
+    )[1]
+    expected_refs = reference.reconstruct_backward(grad.double(), code, dense_a.double(), refs.double())[1]
+    assert torch.all((grad_refs.double() - expected_refs).abs() <= 1e-5 * magnitude + 1e-6)
+
+
+def test_compact_refs_gradient_is_deterministic(backend: str) -> None:
+    generator = torch.Generator().manual_seed(4)
+    n = 100_003
+    code = torch.randint(0, 256, (n,), generator=generator).to(torch.uint8)
+    code[(code >= 20) & (code < DUMMY)] = FREE
+    value, a, b, grad = (torch.randn(n, generator=generator) for _ in range(4))
+    refs = torch.randn(20, generator=generator)
+    _, offsets, packed_a, _ = stdet_kernels.pack(value, code, a, b)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            with stdet_kernels.use_backend(backend):
+                results.append(
+                    torch.ops.stdet.reconstruct_compact_backward(grad, code, offsets, packed_a, refs)[1]
+                )
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
