@@ -143,6 +143,19 @@ at::Tensor reconstruct_sma_(const at::Tensor& value, const at::Tensor& code, con
   return reconstruct_impl<true>(value, code, a, b, refs, &sma, alpha);
 }
 
+// dL/drefs from per-chunk partial sums (chunk-major), added in chunk order: the same bits for any
+// number of threads. Returned in refs' dtype.
+at::Tensor sum_partials(const std::vector<float>& partials, int64_t num_chunks,
+                        const at::Tensor& refs) {
+  const int64_t num_modes = refs.numel();
+  at::Tensor sums = at::zeros({num_modes}, refs.options().dtype(at::kFloat));
+  float* sums_ptr = sums.data_ptr<float>();
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    for (int64_t m = 0; m < num_modes; ++m) sums_ptr[m] += partials[chunk * num_modes + m];
+  }
+  return sums.to(refs.scalar_type());
+}
+
 // Returns (dL/dvalue, dL/drefs). dL/drefs is reduced per fixed chunk into float partial sums, then
 // the partials are added in chunk order: deterministic for any thread count.
 std::tuple<at::Tensor, at::Tensor> reconstruct_backward(const at::Tensor& grad,
@@ -177,12 +190,7 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_backward(const at::Tensor& grad,
     });
   });
 
-  at::Tensor grad_refs_f32 = at::zeros({num_modes}, grad.options().dtype(at::kFloat));
-  float* grad_refs_ptr = grad_refs_f32.data_ptr<float>();
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-    for (int64_t m = 0; m < num_modes; ++m) grad_refs_ptr[m] += partials[chunk * num_modes + m];
-  }
-  return {grad_value, grad_refs_f32.to(refs.scalar_type())};
+  return {grad_value, sum_partials(partials, num_chunks, refs)};
 }
 
 // averages[k] += alpha * (samples[k] - averages[k]) for every k, in one parallel region over all
@@ -392,12 +400,7 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward(const at::Tensor
       });
     });
   });
-  at::Tensor grad_refs_f32 = at::zeros({num_modes}, grad.options().dtype(at::kFloat));
-  float* grad_refs_ptr = grad_refs_f32.data_ptr<float>();
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-    for (int64_t m = 0; m < num_modes; ++m) grad_refs_ptr[m] += partials[chunk * num_modes + m];
-  }
-  return {grad_free, grad_refs_f32.to(refs.scalar_type())};
+  return {grad_free, sum_partials(partials, num_chunks, refs)};
 }
 
 }  // namespace
