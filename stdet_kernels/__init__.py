@@ -10,6 +10,7 @@ from .backends import (
     BACKENDS,
     available_backends,
     last_backend,
+    record_calls,
     unavailable_reasons,
     use_backend,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "reconstruct_compact",
     "reconstruct_compact_sma_",
     "reconstruct_sma_",
+    "record_calls",
     "reference",
     "unavailable_reasons",
     "unpack",

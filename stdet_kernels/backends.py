@@ -106,6 +106,19 @@ def use_backend(name: str) -> Iterator[None]:
         _state.forced = previous
 
 
+@contextlib.contextmanager
+def record_calls() -> Iterator[list[tuple[str, str]]]:
+    """Inside the block, every kernel dispatched in this thread is appended to the yielded list as
+    (op, backend): a way to count passes over memory without timing anything."""
+    calls: list[tuple[str, str]] = []
+    previous = getattr(_state, "calls", None)
+    _state.calls = calls
+    try:
+        yield calls
+    finally:
+        _state.calls = previous
+
+
 def last_backend() -> str | None:
     """The backend that ran the most recent op in this thread (None before the first)."""
     return getattr(_state, "last", None)
@@ -140,5 +153,8 @@ def select(device: torch.device, op: str) -> Callable:
                 stacklevel=3,
             )
     _state.last = chosen
-    log.debug("stdet_kernels: running on backend %r", chosen)
+    calls = getattr(_state, "calls", None)
+    if calls is not None:
+        calls.append((op, chosen))
+    log.debug("stdet_kernels: running %s on backend %r", op, chosen)
     return getattr(_load(chosen), op)

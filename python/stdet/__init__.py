@@ -7,11 +7,13 @@ from .config import STDETConfig
 from .modes import ModeFit, OnlineRefit, fit_modes
 from .parametrize import attach, embeddable_parameters, embedding_state, export_state_dict
 from .schedule import STDET
+from .sma import SMA
 from .trajectory import TrajectoryRecorder
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SMA",
     "STDET",
     "ModeFit",
     "OnlineRefit",

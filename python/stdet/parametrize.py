@@ -121,11 +121,19 @@ class Embedded(nn.Module):
         self.register_buffer("a", torch.zeros(embedded, dtype=dtype, device=weight.device))
         self.register_buffer("b", torch.zeros(embedded, dtype=dtype, device=weight.device))
         self.refs = refs
+        # Set by `stdet.SMA`: (average, alpha) to update in the next reconstruction, in the same pass.
+        self.pending_sample: tuple[torch.Tensor, float] | None = None
+        # Set by `stdet.SMA.swap`: a weight to return instead of the reconstruction.
+        self.override: torch.Tensor | None = None
 
     def forward(self, free_values: torch.Tensor) -> torch.Tensor:
-        return stdet_kernels.reconstruct_compact(
-            free_values, self.code, self.offsets, self.a, self.b, self.refs
-        )
+        if self.override is not None:
+            return self.override
+        layout = (free_values, self.code, self.offsets, self.a, self.b, self.refs)
+        if self.pending_sample is not None:
+            (average, alpha), self.pending_sample = self.pending_sample, None
+            return stdet_kernels.reconstruct_compact_sma_(*layout, average, alpha)
+        return stdet_kernels.reconstruct_compact(*layout)
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """A weight assigned to the layer sets the FREE elements' values; embedded ones keep theirs."""
@@ -223,9 +231,13 @@ def embedding_state(model: nn.Module) -> dict[str, object]:
     return state
 
 
-def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def export_state_dict(model: nn.Module, sma=None, raw: bool = False) -> dict[str, torch.Tensor]:
     """The model's state dict with plain weights under its own key names (``g_a.0.weight``, ...), as
-    the unparametrized model has it: loadable by code that has never imported stdet."""
+    the unparametrized model has it: loadable by code that has never imported stdet. With an `SMA`
+    (and not `raw`), the averaged weights are exported instead of the live ones."""
+    if sma is not None and not raw:
+        with sma.swap():  # copies: the live weights come back when the block ends
+            return {key: tensor.clone() for key, tensor in export_state_dict(model).items()}
     plain: dict[str, torch.Tensor] = {}
     parametrized = parametrized_tensors(model)
     with torch.no_grad(), parametrize.cached():

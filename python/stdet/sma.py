@@ -1,0 +1,181 @@
+"""SMA: sampling-then-moving-average of the weights (METHOD.md, "SMA").
+
+    sma = stdet.SMA(model, every=10, alpha=0.1)
+    ...; optimizer.step(); sma.step()
+    with sma.swap():          # the model holds the averaged weights inside the block
+        evaluate(model)
+
+Every `every` steps (after `start_step`) a sample of the full weights is averaged:
+``avg += alpha * (sample - avg)``; the first sample initialises the average; ``alpha="uniform"``
+uses 1/n for the n-th sample (a plain mean of the samples). Parametrized tensors (STDET) are sampled
+by the reconstruction kernel itself at the next forward (`reconstruct_compact_sma_`: one pass over
+memory); other floating-point parameters and buffers through the multi-tensor `lerp_`; integer buffers
+(CompressAI's CDF tables) are never averaged. Averages are dense, one per weight, so an element that
+becomes embedded keeps its average. In "feedback" mode the live weights are set to the average after
+each sample (free values and references of parametrized tensors; no optimizer state is touched).
+"""
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+import stdet_kernels
+from stdet_kernels import FREE
+
+from .parametrize import parametrized_tensors
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attribute = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attribute
+
+
+class SMA:
+    """Averages of `model`'s weights, sampled every `every` steps. See the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        every: int = 10,
+        alpha: float | str = 0.1,
+        mode: str = "shadow",
+        start_step: int = 0,
+        references: dict[str, list[tuple[int, int]]] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every: expected an integer >= 1, got {every!r}")
+        if alpha != "uniform":
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+                raise TypeError(f"alpha: expected a number in (0, 1] or 'uniform', got {alpha!r}")
+            if not (math.isfinite(alpha) and 0 < alpha <= 1):
+                raise ValueError(f"alpha: expected a number in (0, 1] or 'uniform', got {alpha!r}")
+        if mode not in ("shadow", "feedback"):
+            raise ValueError(f"mode: expected 'shadow' or 'feedback', got {mode!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step: expected an integer >= 0, got {start_step!r}")
+        self.model, self.every, self.alpha, self.mode, self.start_step = model, every, alpha, mode, start_step
+        # For feedback on parametrized tensors: name -> [(flat index, mode)] of the reference elements,
+        # whose averages become refs (STDET provides it).
+        self.references = references or {}
+        self.step_count = 0
+        self.samples = 0
+        self.averages: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------
+
+    def _plain_tensors(self) -> dict[str, torch.Tensor]:
+        """Floating-point parameters and buffers that are not STDET's parametrization internals."""
+        named = list(self.model.named_parameters()) + list(self.model.named_buffers())
+        return {
+            name: tensor
+            for name, tensor in named
+            if ".parametrizations." not in name
+            and not name.startswith("parametrizations.")
+            and tensor.is_floating_point()
+        }
+
+    def _alpha(self) -> float:
+        if self.samples == 1:
+            return 1.0
+        return 1.0 / self.samples if self.alpha == "uniform" else float(self.alpha)
+
+    def step(self) -> None:
+        """Call after each optimizer step; samples on every `every`-th step after `start_step`."""
+        self.step_count += 1
+        since = self.step_count - self.start_step
+        if since <= 0 or since % self.every != 0:
+            return
+        self.flush()  # a sample still waiting for a forward is taken now: none is lost
+        self.samples += 1
+        alpha = self._alpha()
+        plain = self._plain_tensors()
+        averages, samples = [], []
+        for name, tensor in plain.items():
+            if name not in self.averages:  # first seen: the sample initialises its average
+                self.averages[name] = tensor.detach().clone()
+            else:
+                averages.append(self.averages[name])
+                samples.append(tensor.detach())
+        if averages:
+            stdet_kernels.lerp_(averages, samples, alpha)
+        for name, embedded in parametrized_tensors(self.model).items():
+            first = name not in self.averages
+            if first:
+                module, attribute = _owner(self.model, name)
+                original = module.parametrizations[attribute].original
+                self.averages[name] = torch.zeros(
+                    embedded.code.shape, dtype=original.dtype, device=original.device
+                )
+            embedded.pending_sample = (self.averages[name], 1.0 if first else alpha)
+        if self.mode == "feedback":
+            self.flush()
+            self._write_back()
+
+    def flush(self) -> None:
+        """Take the samples still waiting for a forward now (one fused reconstruction each)."""
+        with torch.no_grad():
+            for name, embedded in parametrized_tensors(self.model).items():
+                if embedded.pending_sample is not None:
+                    module, attribute = _owner(self.model, name)
+                    embedded(module.parametrizations[attribute].original)
+
+    @torch.no_grad()
+    def _write_back(self) -> None:
+        for name, tensor in self._plain_tensors().items():
+            tensor.copy_(self.averages[name])
+        for name, embedded in parametrized_tensors(self.model).items():
+            module, attribute = _owner(self.model, name)
+            average = self.averages[name].reshape(-1)
+            module.parametrizations[attribute].original.copy_(average[embedded.code.reshape(-1) == FREE])
+            for index, mode in self.references.get(name, []):
+                embedded.refs[mode] = average[index]
+
+    @contextlib.contextmanager
+    def swap(self) -> Iterator[nn.Module]:
+        """Inside the block the model holds the averaged weights; the live ones come back on exit,
+        exactly, also on an exception. Tensors never sampled keep their live values."""
+        self.flush()
+        plain = {name: t for name, t in self._plain_tensors().items() if name in self.averages}
+        saved = {name: tensor.detach().clone() for name, tensor in plain.items()}
+        embedded = {n: e for n, e in parametrized_tensors(self.model).items() if n in self.averages}
+        try:
+            with torch.no_grad():
+                for name, tensor in plain.items():
+                    tensor.copy_(self.averages[name])
+            for name, target in embedded.items():
+                target.override = self.averages[name]
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for name, tensor in plain.items():
+                    tensor.copy_(saved[name])
+            for target in embedded.values():
+                target.override = None
+
+    # ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        self.flush()
+        return {
+            "every": self.every,
+            "alpha": self.alpha,
+            "mode": self.mode,
+            "start_step": self.start_step,
+            "step": self.step_count,
+            "samples": self.samples,
+            "averages": {name: t.clone() for name, t in self.averages.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("every", "alpha", "mode", "start_step"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"state: saved with {key}={state[key]!r}, this SMA has {getattr(self, key)!r}"
+                )
+        self.step_count, self.samples = state["step"], state["samples"]
+        self.averages = {name: t.clone() for name, t in state["averages"].items()}

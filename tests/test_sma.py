@@ -1,0 +1,157 @@
+"""SMA: the average against PyTorch's own EMA/SWA, the fused one-pass sampling of parametrized
+tensors, swap, feedback, export and checkpoints."""
+
+import copy
+import math
+
+import pytest
+import torch
+from compressai.models import FactorizedPrior
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import stdet
+import stdet_kernels
+from stdet.parametrize import attach, parametrized_tensors
+
+
+def _batch(step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(500 + step)
+    coarse = torch.rand(2, 3, 8, 8, generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=32, mode="bilinear", align_corners=False)
+
+
+def _loss(model, x):
+    out = model(x)
+    bpp = sum(torch.log(p).sum() for p in out["likelihoods"].values()) / (-math.log(2) * x.numel() / 3)
+    return 0.01 * 255**2 * torch.nn.functional.mse_loss(out["x_hat"], x) + bpp
+
+
+def _train_step(model, optimizer, step):
+    optimizer.zero_grad()
+    _loss(model, _batch(step)).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("alpha", [0.1, "uniform"])
+def test_every_step_shadow_average_is_pytorchs_ema_or_swa(alpha) -> None:
+    torch.manual_seed(0)
+    model = FactorizedPrior(N=8, M=12)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sma = stdet.SMA(model, every=1, alpha=alpha)
+    if alpha == "uniform":
+        reference = AveragedModel(model)  # SWA: the plain mean
+    else:
+        reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(1 - alpha))
+    for step in range(12):
+        _train_step(model, optimizer, step)
+        sma.step()
+        reference.update_parameters(model)
+    for name, averaged in reference.module.named_parameters():
+        torch.testing.assert_close(sma.averages[name], averaged.detach(), rtol=1e-6, atol=1e-7)
+
+
+def _attached_model():
+    torch.manual_seed(0)
+    model = FactorizedPrior(N=8, M=12)
+    refs = attach(model, num_modes=2)
+    with torch.no_grad():
+        refs.copy_(torch.tensor([0.3, -0.2]))
+        for name, embedded in parametrized_tensors(model).items():  # embed a quarter of each tensor
+            module, _, attribute = name.rpartition(".")
+            values = model.get_submodule(module).parametrizations[attribute].original
+            value, a, b = embedded.dense(values)
+            code = embedded.code.clone()
+            code[torch.rand(code.shape, generator=torch.Generator().manual_seed(1)) < 0.25] = 1
+            embedded.repack(values, value, code, torch.ones_like(a) * 0.5, b)
+    return model
+
+
+def test_parametrized_tensors_are_sampled_by_the_fused_kernel_in_one_pass() -> None:
+    model = _attached_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sma = stdet.SMA(model, every=2, alpha=0.25)
+    expected: dict[str, torch.Tensor] = {}
+    names = list(parametrized_tensors(model))
+    for step in range(8):
+        _train_step(model, optimizer, step)
+        sampling = (step + 1) % 2 == 0
+        # The weights the sample must see, computed by the reference (not through the model, which
+        # would take the sample itself).
+        state = stdet.embedding_state(model)
+        weights = {n: stdet_kernels.reference.reconstruct(**state[n], refs=state["refs"]) for n in names}
+        with stdet_kernels.record_calls() as calls:
+            sma.step()
+            _loss(model, _batch(100 + step))  # the next forward takes the sample
+        fused = [c for c in calls if c[0] == "reconstruct_compact_sma_"]
+        plain = [c for c in calls if c[0] == "reconstruct_compact"]
+        if sampling:
+            # One fused pass per parametrized tensor; no separate read of the weights for the sample.
+            assert len(fused) == len(names), calls
+            assert len(plain) == 0, calls
+            assert [c[0] for c in calls].count("lerp_") <= 1  # the other tensors, in one call
+            for name in names:
+                previous = expected.get(name)
+                expected[name] = (
+                    weights[name] if previous is None else previous + 0.25 * (weights[name] - previous)
+                )
+        else:
+            assert not fused and len(plain) == len(names), calls
+    for name in names:
+        torch.testing.assert_close(sma.averages[name], expected[name], rtol=1e-6, atol=1e-6)
+
+
+def test_swap_holds_the_averages_and_restores_exactly() -> None:
+    model = _attached_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sma = stdet.SMA(model, every=1, alpha=0.5)
+    for step in range(3):
+        _train_step(model, optimizer, step)
+        sma.step()
+    live = copy.deepcopy(stdet.export_state_dict(model, raw=True))
+    with sma.swap():
+        inside = {k: v.clone() for k, v in stdet.export_state_dict(model).items()}
+    for name, average in sma.averages.items():
+        if name in inside:
+            assert torch.equal(inside[name], average), name
+    assert not torch.equal(inside["g_a.0.weight"], live["g_a.0.weight"])
+    with pytest.raises(RuntimeError, match="boom"), sma.swap():
+        raise RuntimeError("boom")
+    after = stdet.export_state_dict(model, raw=True)
+    assert all(torch.equal(after[k], live[k]) for k in live)
+    exported = stdet.export_state_dict(model, sma=sma)
+    assert torch.equal(exported["g_a.0.weight"], sma.averages["g_a.0.weight"])
+    assert not any(k.endswith(("_quantized_cdf", "_offset", "_cdf_length")) for k in sma.averages)
+
+
+def test_feedback_sets_live_weights_to_the_average_without_touching_optimizer_state() -> None:
+    torch.manual_seed(0)
+    model = FactorizedPrior(N=8, M=12)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sma = stdet.SMA(model, every=2, alpha=0.5, mode="feedback")
+    for step in range(4):
+        _train_step(model, optimizer, step)
+        state_before = {k: v.clone() for k, v in optimizer.state[model.g_a[0].weight].items()}
+        sma.step()
+    assert torch.equal(model.g_a[0].weight, sma.averages["g_a.0.weight"])
+    assert all(torch.equal(optimizer.state[model.g_a[0].weight][k], v) for k, v in state_before.items())
+
+
+def test_state_dict_round_trip_and_bad_arguments() -> None:
+    model = FactorizedPrior(N=8, M=12)
+    sma = stdet.SMA(model, every=1, alpha=0.5)
+    sma.step()
+    other = stdet.SMA(model, every=1, alpha=0.5)
+    other.load_state_dict(sma.state_dict())
+    assert other.samples == 1 and set(other.averages) == set(sma.averages)
+    with pytest.raises(ValueError, match="^state: saved with every=1"):
+        stdet.SMA(model, every=2, alpha=0.5).load_state_dict(sma.state_dict())
+    with pytest.raises(ValueError, match="^every: "):
+        stdet.SMA(model, every=0)
+    with pytest.raises(ValueError, match="^alpha: "):
+        stdet.SMA(model, alpha=1.5)
+    with pytest.raises(TypeError, match="^alpha: "):
+        stdet.SMA(model, alpha="mean")
+    with pytest.raises(ValueError, match="^mode: "):
+        stdet.SMA(model, mode="lookahead")
+    with pytest.raises(TypeError, match="^model: "):
+        stdet.SMA(object())
