@@ -155,3 +155,53 @@ def test_state_dict_round_trip_and_bad_arguments() -> None:
         stdet.SMA(model, mode="lookahead")
     with pytest.raises(TypeError, match="^model: "):
         stdet.SMA(object())
+
+
+STDET_CONFIG = dict(
+    warmup_steps=20, snapshots=10, modes=4, samples=200, embed_every=5, embed_rate=0.3, safety_window=5
+)
+
+
+def _stdet_run(mode: str, steps: int):
+    torch.manual_seed(0)
+    model = FactorizedPrior(N=8, M=12)
+    optimizer = torch.optim.Adam(
+        [p for n, p in model.named_parameters() if not n.endswith(".quantiles")], lr=1e-3
+    )
+    config = stdet.STDETConfig(**STDET_CONFIG, sma_every=2, sma_alpha=0.5, sma_mode=mode)
+    st = stdet.STDET(model, optimizer, config)
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = _loss(model, _batch(step))
+        loss.backward()
+        optimizer.step()
+        st.step(loss)
+    return model, optimizer, st
+
+
+def test_averages_survive_attaching_and_embedding_rounds() -> None:
+    model, _, st = _stdet_run("shadow", 19)
+    before_attach = st.sma.averages["g_a.0.weight"].clone()
+    samples_before = st.sma.samples
+    model, _, st = _stdet_run("shadow", 31)  # same run, on through attach and two rounds
+    assert [h["event"] for h in st.history][:2] == ["attach", "round"]
+    assert st.sma.samples == samples_before + 6
+    average = st.sma.averages["g_a.0.weight"]
+    assert average.shape == before_attach.shape and not torch.equal(average, before_attach)
+    # The average went on from the plain weight's: no restart at attach time (first sample = copy).
+    assert not torch.equal(average, stdet.export_state_dict(model, raw=True)["g_a.0.weight"])
+    exported = stdet.export_state_dict(model, sma=st.sma)
+    assert torch.equal(exported["g_a.0.weight"], average)
+
+
+def test_feedback_through_stdet_writes_free_values_and_references() -> None:
+    model, _, st = _stdet_run("feedback", 30)  # step 30 is a sampling step, after two rounds
+    live = stdet.export_state_dict(model, raw=True)
+    for name in st.names:
+        code = st._embedded()[name].code
+        average = st.sma.averages[name]
+        free = code == stdet_kernels.FREE
+        assert torch.equal(live[name][free], average[free])
+        for index, mode in st.reference_positions().get(name, []):
+            assert live[name].reshape(-1)[index] == pytest.approx(float(average.reshape(-1)[index]), abs=1e-6)
+            assert float(st.refs[mode].detach()) == pytest.approx(float(average.reshape(-1)[index]), abs=1e-6)

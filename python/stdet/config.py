@@ -35,6 +35,9 @@ class STDETConfig:
         "float16" or "float32"). 16-bit halves their cost; in bench/bench_memory.py it changed the
         eval loss by under 0.1% against float32 (README, "Memory").
     include_gdn, include, exclude: which tensors are embeddable (see `stdet.parametrize`).
+    sma_every, sma_alpha, sma_mode: SMA run by the STDET object (`stdet.SMA`): sample every
+        `sma_every` steps (0, the default here, turns it off: SMA is a separate choice that applies to
+        plain training too; METHOD.md's own defaults are 10, 0.1, "shadow").
     seed: seeds the sampling of the clustering.
     """
 
@@ -59,6 +62,9 @@ class STDETConfig:
     include_gdn: bool = False
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    sma_every: int = 0
+    sma_alpha: float | str = 0.1
+    sma_mode: str = "shadow"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -105,6 +111,12 @@ class STDETConfig:
             isinstance(self.safety_tolerance, (int, float)) and self.safety_tolerance >= 0,
             "a number >= 0",
         )
+        require("sma_every", is_int(self.sma_every) and self.sma_every >= 0, "an integer >= 0")
+        require("sma_mode", self.sma_mode in ("shadow", "feedback"), "'shadow' or 'feedback'")
+        sma_alpha_ok = self.sma_alpha == "uniform" or (
+            not isinstance(self.sma_alpha, bool) and is_fraction(self.sma_alpha, low_open=True)
+        )
+        require("sma_alpha", sma_alpha_ok, "a number in (0, 1] or 'uniform'")
         require(
             "snapshot_dtype",
             self.snapshot_dtype in ("float32", "float16", "bfloat16"),

@@ -28,6 +28,7 @@ from stdet_kernels import DUMMY, FREE
 from .config import STDETConfig
 from .modes import OnlineRefit, fit_modes
 from .parametrize import Embedded, attach, embeddable_parameters, parametrized_tensors, remap_free
+from .sma import SMA
 from .trajectory import TrajectoryRecorder, layout
 
 log = logging.getLogger("stdet")
@@ -85,6 +86,9 @@ class STDET:
         self.refit: OnlineRefit | None = None  # a, b, R^2 of the FREE elements
         self.refs: nn.Parameter | None = None
         self.sensitivity: dict[str, torch.Tensor] = {}
+        self.sma: SMA | None = None
+        if self.config.sma_every:
+            self.sma = SMA(model, self.config.sma_every, self.config.sma_alpha, self.config.sma_mode)
 
     # ------------------------------------------------------------------------------------------
     # Views of the attached model
@@ -122,6 +126,8 @@ class STDET:
     def step(self, loss: float | torch.Tensor | None = None) -> None:
         """Call once after each ``optimizer.step()``; pass the step's training loss to judge rounds."""
         self.step_count += 1
+        if self.sma is not None:
+            self.sma.step()
         if loss is not None:
             value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
             if not math.isfinite(value):
@@ -210,9 +216,19 @@ class STDET:
         # From here on only the FREE elements' fits are kept.
         self.refit = OnlineRefit(fit)
         self.refit.remap(torch.ones(self.elements, dtype=torch.bool), self._flat_codes() == FREE)
+        if self.sma is not None:
+            self.sma.references = self.reference_positions()
         self.last_round = self.step_count
         log.info("stdet: step %d: %d modes fitted, model attached", self.step_count, fit.num_modes)
         self.history.append({"step": self.step_count, "event": "attach", "modes": fit.num_modes})
+
+    def reference_positions(self) -> dict[str, list[tuple[int, int]]]:
+        """Tensor name -> [(flat index in the tensor, mode)] of the modes' reference elements."""
+        positions: dict[str, list[tuple[int, int]]] = {}
+        modes = torch.arange(self.num_modes)
+        for name, local, where in self._pieces(self.references):
+            positions[name] = list(zip(local.tolist(), modes[where].tolist(), strict=True))
+        return positions
 
     def _update_sensitivity(self) -> None:
         decay = self.config.sensitivity_decay
@@ -356,6 +372,7 @@ class STDET:
             "refit": None if self.refit is None else self.refit.state_dict(),
             "sensitivity": {name: s.clone() for name, s in self.sensitivity.items()},
             "codes": {name: e.code.clone() for name, e in self._embedded().items()},
+            "sma": None if self.sma is None else self.sma.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -369,6 +386,8 @@ class STDET:
         self.step_count, self.rate = state["step"], state["rate"]
         self.history, self.losses = list(state["history"]), [tuple(x) for x in state["losses"]]
         self.pending, self.last_round = state["pending"], state["last_round"]
+        if self.sma is not None and state.get("sma") is not None:
+            self.sma.load_state_dict(state["sma"])
         if state["recorder"] is not None:
             self.recorder.buffer.copy_(state["recorder"]["buffer"])
             self.recorder.count = state["recorder"]["count"]
@@ -378,6 +397,8 @@ class STDET:
         self.references, self.mode = state["references"], state["mode"]
         self._attach(self.num_modes)
         self.refit = OnlineRefit.from_state_dict(state["refit"])
+        if self.sma is not None:
+            self.sma.references = self.reference_positions()
         with torch.no_grad():
             for name, embedded in self._embedded().items():
                 # The saved layout, so that the model's and the optimizer's state dicts fit; the
