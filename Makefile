@@ -50,6 +50,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/run_bench.py
 	$(PY) bench/bench_fit.py
 	$(PY) bench/bench_memory.py
+	$(PY) bench/bench_sma.py
 
 wheel: $(VENV)/.deps
 	$(PY) -m build --wheel --no-isolation

@@ -205,3 +205,26 @@ def test_feedback_through_stdet_writes_free_values_and_references() -> None:
         for index, mode in st.reference_positions().get(name, []):
             assert live[name].reshape(-1)[index] == pytest.approx(float(average.reshape(-1)[index]), abs=1e-6)
             assert float(st.refs[mode].detach()) == pytest.approx(float(average.reshape(-1)[index]), abs=1e-6)
+
+
+def test_compressing_with_the_averages_updates_the_cdf_tables_and_puts_them_back() -> None:
+    torch.manual_seed(0)
+    model = FactorizedPrior(N=8, M=12)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sma = stdet.SMA(model, every=1, alpha=0.5)
+    for step in range(4):
+        _train_step(model, optimizer, step)
+        sma.step()
+    model.update(force=True)
+    live_cdf = model.entropy_bottleneck._quantized_cdf.clone()
+    x = _batch(0)[:1]
+    model.eval()
+    with sma.swap(update_entropy_models=True), torch.no_grad():
+        averaged_cdf = model.entropy_bottleneck._quantized_cdf.clone()
+        coded = model.compress(x)
+        decoded = model.decompress(coded["strings"], coded["shape"])
+    assert decoded["x_hat"].shape == x.shape
+    assert not torch.equal(averaged_cdf, live_cdf) or averaged_cdf.shape != live_cdf.shape
+    assert torch.equal(model.entropy_bottleneck._quantized_cdf, live_cdf)
+    with pytest.raises(TypeError, match="^model: has no update"), stdet.SMA(torch.nn.Linear(2, 2)).swap(True):
+        pass

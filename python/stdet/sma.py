@@ -22,7 +22,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-import stdet_kernels
 from stdet_kernels import FREE
 
 from .parametrize import parametrized_tensors
@@ -102,7 +101,9 @@ class SMA:
                 averages.append(self.averages[name])
                 samples.append(tensor.detach())
         if averages:
-            stdet_kernels.lerp_(averages, samples, alpha)
+            # Averages are clones of their tensors (same shape, dtype, device), so the public
+            # function's per-pair checks are skipped: they cost more than the update itself.
+            torch.ops.stdet.lerp_(averages, samples, alpha)
         for name, embedded in parametrized_tensors(self.model).items():
             first = name not in self.averages
             if first:
@@ -136,24 +137,39 @@ class SMA:
                 embedded.refs[mode] = average[index]
 
     @contextlib.contextmanager
-    def swap(self) -> Iterator[nn.Module]:
+    def swap(self, update_entropy_models: bool = False) -> Iterator[nn.Module]:
         """Inside the block the model holds the averaged weights; the live ones come back on exit,
-        exactly, also on an exception. Tensors never sampled keep their live values."""
+        exactly, also on an exception. Tensors never sampled keep their live values.
+
+        With `update_entropy_models`, a CompressAI model's ``update(force=True)`` runs inside the
+        block, so its CDF tables fit the averaged entropy models for compressing; every buffer it
+        changes is put back on exit.
+        """
         self.flush()
         plain = {name: t for name, t in self._plain_tensors().items() if name in self.averages}
         saved = {name: tensor.detach().clone() for name, tensor in plain.items()}
         embedded = {n: e for n, e in parametrized_tensors(self.model).items() if n in self.averages}
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()} if update_entropy_models else {}
         try:
             with torch.no_grad():
                 for name, tensor in plain.items():
                     tensor.copy_(self.averages[name])
             for name, target in embedded.items():
                 target.override = self.averages[name]
+            if update_entropy_models:
+                if not hasattr(self.model, "update"):
+                    raise TypeError(
+                        "model: has no update() (not a CompressAI model), so no CDF tables to refresh"
+                    )
+                self.model.update(force=True)
             yield self.model
         finally:
             with torch.no_grad():
                 for name, tensor in plain.items():
                     tensor.copy_(saved[name])
+                for name, buffer in buffers.items():
+                    module, attribute = _owner(self.model, name)
+                    setattr(module, attribute, buffer)  # update() may have resized it
             for target in embedded.values():
                 target.override = None
 
