@@ -9,12 +9,14 @@ export TORCH_CUDA_ARCH_LIST
 export MAX_JOBS ?= 2
 
 DEPS := torch==2.14.1 torchvision==0.29.1 compressai==1.2.8 numpy scipy tqdm matplotlib \
+	scikit-image scikit-learn pytorch-msssim bjontegaard \
 	pytest pytest-benchmark hypothesis expecttest ruff build ninja setuptools wheel
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*)
 
 .PHONY: demo install test bench wheel lint format clean
 
-$(VENV)/.deps:
+# Re-run when the Makefile (and so DEPS) changes; pip skips what is already installed.
+$(VENV)/.deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install $(DEPS)
