@@ -163,9 +163,16 @@ class Embedded(nn.Module):
         free_values.grad = None
 
 
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    module_name, _, param_name = name.rpartition(".")
-    return (model.get_submodule(module_name) if module_name else model), param_name
+def owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(module, attribute) of a dotted tensor name such as ``g_a.0.weight``."""
+    module_name, _, attribute = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attribute
+
+
+def free_values(model: nn.Module, name: str) -> nn.Parameter:
+    """The trainable storage of parametrized tensor `name`: its FREE elements' values."""
+    module, attribute = owner(model, name)
+    return module.parametrizations[attribute].original
 
 
 def parametrized_tensors(model: nn.Module) -> dict[str, Embedded]:
@@ -206,7 +213,7 @@ def attach(
     first = model.get_parameter(names[0])
     refs = nn.Parameter(torch.zeros(num_modes, dtype=first.dtype, device=first.device))
     for name in names:
-        module, param_name = _owner(model, name)
+        module, param_name = owner(model, name)
         mask = getattr(module, "mask", None) if param_name == "weight" else None
         weight = getattr(module, param_name)
         parametrize.register_parametrization(
@@ -221,8 +228,7 @@ def embedding_state(model: nn.Module) -> dict[str, object]:
     state: dict[str, object] = {}
     refs = None
     for name, embedded in parametrized_tensors(model).items():
-        module, param_name = _owner(model, name)
-        value, a, b = embedded.dense(module.parametrizations[param_name].original)
+        value, a, b = embedded.dense(free_values(model, name))
         state[name] = {"value": value, "code": embedded.code, "a": a, "b": b}
         refs = embedded.refs
     if refs is None:
@@ -245,6 +251,6 @@ def export_state_dict(model: nn.Module, sma=None, raw: bool = False) -> dict[str
             if ".parametrizations." not in key:
                 plain[key] = tensor
         for name in parametrized:
-            module, param_name = _owner(model, name)
+            module, param_name = owner(model, name)
             plain[name] = getattr(module, param_name).detach().clone()
     return plain

@@ -9,8 +9,8 @@ It records trajectories during the warm-up, fits the modes at its end, attaches 
 (all FREE, references embedded in their modes), then every `embed_every` steps embeds a fraction of the
 still-free elements: the least sensitive ones, truly (``a * ref + b``) where their fit is good and
 stable, frozen (DUMMY) otherwise. A round that raises the smoothed loss by more than the tolerance is
-undone and the rate halved. Embedded elements get no update: their optimizer moments are zeroed, and
-their gradient is zero from then on.
+undone and the rate halved. Embedded elements leave training: they are no longer trainable values
+and have no optimizer state (see below).
 
 Storage is the compact layout (`stdet_kernels.compact`): a tensor's trainable parameter holds only
 its FREE elements and shrinks at every round; the optimizer's per-element state (moments) and the
@@ -27,18 +27,21 @@ from stdet_kernels import DUMMY, FREE
 
 from .config import STDETConfig
 from .modes import OnlineRefit, fit_modes
-from .parametrize import Embedded, attach, embeddable_parameters, parametrized_tensors, remap_free
+from .parametrize import (
+    Embedded,
+    attach,
+    embeddable_parameters,
+    free_values,
+    owner,
+    parametrized_tensors,
+    remap_free,
+)
 from .sma import SMA
 from .trajectory import TrajectoryRecorder, layout
 
 log = logging.getLogger("stdet")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    module_name, _, param_name = name.rpartition(".")
-    return (model.get_submodule(module_name) if module_name else model), param_name
 
 
 class STDET:
@@ -97,8 +100,7 @@ class STDET:
         return parametrized_tensors(self.model)
 
     def _value(self, name: str) -> nn.Parameter:
-        module, param_name = _owner(self.model, name)
-        return module.parametrizations[param_name].original
+        return free_values(self.model, name)
 
     def _flat(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([tensors[piece.name].detach().reshape(-1).float().cpu() for piece in self.slices])
@@ -111,7 +113,7 @@ class STDET:
         if self.phase == "warmup":
             return self._flat({name: self.model.get_parameter(name) for name in self.names})
         with torch.no_grad():
-            return self._flat({name: getattr(*_owner(self.model, name)) for name in self.names})
+            return self._flat({name: getattr(*owner(self.model, name)) for name in self.names})
 
     def _pieces(self, indices: torch.Tensor):
         """(tensor name, local indices, positions in `indices`) for each tensor that `indices` touch."""

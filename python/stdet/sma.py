@@ -24,12 +24,7 @@ from torch import nn
 
 from stdet_kernels import FREE
 
-from .parametrize import parametrized_tensors
-
-
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    module_name, _, attribute = name.rpartition(".")
-    return (model.get_submodule(module_name) if module_name else model), attribute
+from .parametrize import free_values, owner, parametrized_tensors
 
 
 class SMA:
@@ -107,8 +102,7 @@ class SMA:
         for name, embedded in parametrized_tensors(self.model).items():
             first = name not in self.averages
             if first:
-                module, attribute = _owner(self.model, name)
-                original = module.parametrizations[attribute].original
+                original = free_values(self.model, name)
                 self.averages[name] = torch.zeros(
                     embedded.code.shape, dtype=original.dtype, device=original.device
                 )
@@ -122,17 +116,15 @@ class SMA:
         with torch.no_grad():
             for name, embedded in parametrized_tensors(self.model).items():
                 if embedded.pending_sample is not None:
-                    module, attribute = _owner(self.model, name)
-                    embedded(module.parametrizations[attribute].original)
+                    embedded(free_values(self.model, name))
 
     @torch.no_grad()
     def _write_back(self) -> None:
         for name, tensor in self._plain_tensors().items():
             tensor.copy_(self.averages[name])
         for name, embedded in parametrized_tensors(self.model).items():
-            module, attribute = _owner(self.model, name)
             average = self.averages[name].reshape(-1)
-            module.parametrizations[attribute].original.copy_(average[embedded.code.reshape(-1) == FREE])
+            free_values(self.model, name).copy_(average[embedded.code.reshape(-1) == FREE])
             for index, mode in self.references.get(name, []):
                 embedded.refs[mode] = average[index]
 
@@ -168,7 +160,7 @@ class SMA:
                 for name, tensor in plain.items():
                     tensor.copy_(saved[name])
                 for name, buffer in buffers.items():
-                    module, attribute = _owner(self.model, name)
+                    module, attribute = owner(self.model, name)
                     setattr(module, attribute, buffer)  # update() may have resized it
             for target in embedded.values():
                 target.override = None
