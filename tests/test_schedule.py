@@ -155,6 +155,21 @@ def test_a_round_that_raises_the_loss_is_undone() -> None:
     torch.testing.assert_close(st.flat_weights(), weights_before_judgement, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("sigmas, expected", [(2.0, "kept"), (0.0, "undone")])
+def test_a_rise_within_the_batch_noise_is_not_undone(sigmas, expected) -> None:
+    """Losses that swing by +-50% from batch to batch: a 5% higher after-window is chance, not damage
+    (kept by the noise-aware rule; METHOD.md's plain 2% rule, safety_sigmas=0, undoes it)."""
+    model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG, safety_sigmas=sigmas))
+    swings = [0.5, 1.5, 0.6, 1.4, 1.0]
+    for step in range(30):
+        optimizer.zero_grad()
+        _rd_loss(model, _batch(step)).backward()
+        optimizer.step()
+        st.step(swings[step % 5] * (1.0 if step < 25 else 1.05))
+    events = [h["event"] for h in st.history]
+    assert events[:3] == ["attach", "round", expected]
+
+
 def test_misuse_gives_clear_errors() -> None:
     with pytest.raises(ValueError, match="^embed_rate: "):
         stdet.STDETConfig(embed_rate=0.0)

@@ -1,7 +1,23 @@
-"""The `stdet` command line."""
+"""The `stdet` command line: `train`, `eval`, `rd`, `demo`, `backends`, `nqm`.
+
+Mistakes in the input (a missing folder, an unknown architecture, a checkpoint that does not fit)
+end the command with one line on stderr and exit status 2; set STDET_DEBUG=1 for the traceback.
+"""
 
 import argparse
+import os
 import sys
+import warnings
+from pathlib import Path
+
+import tomllib
+
+# Raised at import by CompressAI's use of torch.jit.script; not the user's concern.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 def _backends(_: argparse.Namespace) -> int:
@@ -18,26 +34,251 @@ def _backends(_: argparse.Namespace) -> int:
 
 def _nqm(args: argparse.Namespace) -> int:
     """Closed form against simulation on the noisy quadratic model, and a plot of variance against alpha."""
-    from pathlib import Path
-
     from stdet import nqm
 
-    try:
-        h, c = nqm.spectrum(args.dims, args.h_min, args.h_max)
-        print(nqm.report(args.lr, h, c, args.alpha, args.every, args.replicas, args.seed))
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        nqm.plot(out, args.lr, h, c)
-    except ValueError as error:
-        print(f"stdet nqm: {error}", file=sys.stderr)
-        return 2
+    h, c = nqm.spectrum(args.dims, args.h_min, args.h_max)
+    print(nqm.report(args.lr, h, c, args.alpha, args.every, args.replicas, args.seed))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nqm.plot(out, args.lr, h, c)
     print(f"plot: {out}")
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# train
+
+_TRAIN_SKIP = {"command", "run", "config", "resume"}
+
+
+def _sma_alpha(text: str) -> float | str:
+    return text if text == "uniform" else float(text)
+
+
+def resolve_train_config(args: argparse.Namespace):
+    """Defaults < the checkpoint's configuration (with --resume) < --config TOML < flags given."""
+    from stdet.train import TrainConfig, load_checkpoint
+
+    values: dict = {}
+    resume = None
+    if args.resume is not None:
+        out = Path(getattr(args, "out", None) or TrainConfig.out)
+        resume = Path(args.resume) if args.resume else out / "last.ckpt"
+        values.update(load_checkpoint(resume)["config"])
+    if args.config is not None:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config: {path} does not exist")
+        try:
+            values.update({key.replace("-", "_"): v for key, v in tomllib.loads(path.read_text()).items()})
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"--config: {path} is not valid TOML ({error})") from None
+    values.update({key: value for key, value in vars(args).items() if key not in _TRAIN_SKIP})
+    return TrainConfig.from_dict(values), resume
+
+
+def _train(args: argparse.Namespace) -> int:
+    from stdet.train import train
+
+    config, resume = resolve_train_config(args)
+    summary = train(config, resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        final, nan = summary["final_eval"] or {}, float("nan")
+        print(
+            f"done: {summary['steps']} steps in {summary['wall_s']:.0f} s; "
+            f"eval bpp {final.get('bpp', nan):.4f}, PSNR {final.get('psnr', nan):.2f} dB, "
+            f"RD loss {final.get('rd_loss', nan):.4f}; "
+            f"trainable {summary['trainable_fraction_end']:.0%}; files in {config.out}"
+        )
+    return 0
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """Every flag defaults to "not given" (SUPPRESS) so that --config and --resume can fill it."""
+    add = parser.add_argument
+    s = argparse.SUPPRESS
+    add("--config", default=None, help="TOML file holding any of these settings (flags given win)")
+    add(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        help="continue from a checkpoint (default: OUT/last.ckpt)",
+    )
+    add("--arch", default=s, help="CompressAI zoo architecture (default bmshj2018-factorized)")
+    add("--N", type=int, default=s, help="channels N (default: the zoo's for --quality)")
+    add("--M", type=int, default=s, help="channels M (default: the zoo's for --quality)")
+    add("--quality", type=int, default=s, help="1..8: channel counts and default lambda (default 3)")
+    add(
+        "--lmbda",
+        type=float,
+        default=s,
+        help="rate-distortion trade-off (default: CompressAI's for --quality)",
+    )
+    add("--metric", default=s, help="mse or ms-ssim")
+    add("--method", default=s, help="adam (plain training) or stdet")
+    add("--steps", type=int, default=s, help="training steps in all (default 1000)")
+    add("--batch-size", type=int, default=s, help="global batch size (default 16)")
+    add("--patch-size", type=int, default=s, help="random crop size (default 256)")
+    add("--lr", type=float, default=s, help="learning rate (default 1e-4)")
+    add("--aux-lr", type=float, default=s, help="learning rate of the quantiles (default 1e-3)")
+    add("--clip", type=float, default=s, help="max gradient norm, 0 = off (default 1.0)")
+    add("--data", default=s, help="folder of PNG/JPEG training images (default: the bundled photos)")
+    add("--eval-data", default=s, help="folder of PNG/JPEG eval images (default: the bundled photos)")
+    add(
+        "--eval-every",
+        type=int,
+        default=s,
+        help="steps between evaluations, 0 = at the end only (default 100)",
+    )
+    add("--log-every", type=int, default=s, help="steps between log records (default 10)")
+    add("--checkpoint-every", type=int, default=s, help="steps between checkpoints (default 100)")
+    add("--out", default=s, help="output folder (default runs/train)")
+    add("--seed", type=int, default=s, help="seed of the initialisation and the data order (default 0)")
+    add("--device", default=s, help="cpu or cuda (default cpu)")
+    add("--no-progress", dest="progress", action="store_false", default=s, help="no progress bar")
+    stdet = parser.add_argument_group("STDET and SMA (see stdet.STDETConfig)")
+    add = stdet.add_argument
+    add("--warmup-steps", type=int, default=s)
+    add("--snapshots", type=int, default=s)
+    add("--modes", type=int, default=s)
+    add("--samples", type=int, default=s)
+    add("--embed-every", type=int, default=s)
+    add("--embed-rate", type=float, default=s)
+    add("--max-embedded", type=float, default=s)
+    add("--protect", type=float, default=s)
+    add("--min-r2", type=float, default=s)
+    add("--safety-window", type=int, default=s)
+    add("--safety-tolerance", type=float, default=s)
+    add("--safety-sigmas", type=float, default=s)
+    add("--sma-every", type=int, default=s, help="0 = no SMA")
+    add("--sma-alpha", type=_sma_alpha, default=s, help="a number in (0, 1] or 'uniform'")
+    add("--sma-mode", default=s, help="shadow or feedback")
+
+
+# ----------------------------------------------------------------------------------------------
+# eval and rd
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from stdet.data import bundled_images, load_folder
+    from stdet.evaluate import evaluate, write_results
+    from stdet.train import TrainingError, load_model, resolved_lmbda
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint: {checkpoint} does not exist")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise TrainingError(
+            f"--checkpoint: {checkpoint} is not a readable state dict ({type(error).__name__})"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state:  # CompressAI's training checkpoints
+        state = state["state_dict"]
+    if not isinstance(state, dict) or any(".parametrizations." in key for key in state):
+        raise TrainingError(
+            f"--checkpoint: {checkpoint} is not a plain state dict (use the model.pth of stdet train)"
+        )
+    model = load_model(args.arch, state).to(args.device).eval()
+    images = bundled_images("eval") if args.data is None else load_folder(args.data).images
+    result = evaluate(model, images, args.metric, resolved_lmbda(args.metric, args.quality, args.lmbda))
+    for name, record in [*result["images"].items(), ("mean", result["mean"])]:
+        print(
+            f"{Path(name).name:24s} bpp {record['bpp']:.4f} (estimated {record['estimated_bpp']:.4f})  "
+            f"PSNR {record['psnr']:6.2f}  MS-SSIM {record['ms_ssim']:.4f}  "
+            f"enc {record['encode_s'] * 1e3:7.1f} ms  dec {record['decode_s'] * 1e3:7.1f} ms"
+        )
+    if args.out is not None:
+        json_path, csv_path = write_results(result, Path(args.out))
+        print(f"results: {json_path}, {csv_path}")
+    return 0
+
+
+def _rd(args: argparse.Namespace) -> int:
+    import json
+
+    from stdet.evaluate import bd_psnr, bd_rate, load_points, plot_rd
+
+    curves = {}
+    for spec in args.curve:
+        name, sep, paths = spec.partition("=")
+        if not sep or not name or not paths:
+            raise ValueError(f"--curve: expected NAME=eval.json,eval.json,..., got {spec!r}")
+        curves[name] = load_points(paths.split(","), args.quality)
+    anchor_name, anchor = next(iter(curves.items()))
+    results = {"anchor": anchor_name, "quality": args.quality, "curves": {}}
+    for name, curve in curves.items():
+        entry = {"bpp": curve[0], args.quality: curve[1]}
+        if name != anchor_name:
+            entry["bd_rate_percent"] = bd_rate(anchor, curve)
+            entry["bd_quality"] = bd_psnr(anchor, curve)
+            print(
+                f"{name} against {anchor_name}: BD-rate {entry['bd_rate_percent']:+.2f}%, "
+                f"BD-{args.quality} {entry['bd_quality']:+.3f}"
+            )
+        results["curves"][name] = entry
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rd.json").write_text(json.dumps(results, indent=2) + "\n")
+    label = "PSNR (dB)" if args.quality == "psnr" else "MS-SSIM"
+    plot_rd(curves, out / "rd.png", label)
+    print(f"results: {out / 'rd.json'}, plot: {out / 'rd.png'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from stdet.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps, quick=args.quick)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stdet", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="stdet", description="Faster training of learned image compression."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a CompressAI model with plain Adam or STDET")
+    _add_train_flags(train)
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model.pth with real entropy coding")
+    evaluate.add_argument("--arch", required=True, help="CompressAI zoo architecture of the checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="a plain state dict (stdet train's model.pth)")
+    evaluate.add_argument(
+        "--data", default=None, help="folder of PNG/JPEG images (default: bundled eval photos)"
+    )
+    evaluate.add_argument("--out", default=None, help="folder for eval.json and eval.csv")
+    evaluate.add_argument("--metric", default="mse", choices=("mse", "ms-ssim"))
+    evaluate.add_argument("--quality", type=int, default=3, help="picks the default lambda of the RD loss")
+    evaluate.add_argument("--lmbda", type=float, default=None)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(run=_eval)
+
+    rd = commands.add_parser("rd", help="BD-rate and BD-PSNR between RD curves, and an RD plot")
+    rd.add_argument(
+        "--curve",
+        action="append",
+        required=True,
+        help="NAME=eval.json,eval.json,... (a file per RD point; a flag per curve; first = anchor)",
+    )
+    rd.add_argument("--quality", default="psnr", choices=("psnr", "ms-ssim"))
+    rd.add_argument("--out", default="runs/rd")
+    rd.set_defaults(run=_rd)
+
+    demo = commands.add_parser("demo", help="plain Adam against STDET on the bundled photos (make demo)")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--steps", type=int, default=None, help="steps per run (default: the demo's budget)")
+    demo.add_argument("--quick", action="store_true", help="a tiny run that checks the pipeline")
+    demo.set_defaults(run=_demo)
+
     backends = commands.add_parser("backends", help="list the op backends this machine can run")
     backends.set_defaults(run=_backends)
     nqm = commands.add_parser(
@@ -58,7 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    warnings.formatwarning = _one_line_warnings
+    from stdet.train import Interrupted, TrainingError
+
+    try:
+        return args.run(args)
+    except Interrupted as stop:
+        print(f"stdet {args.command}: {stop}", file=sys.stderr)
+        return 130
+    except (TrainingError, ValueError, TypeError, FileNotFoundError) as error:
+        if os.environ.get("STDET_DEBUG"):
+            raise
+        print(f"stdet {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

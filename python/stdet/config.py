@@ -30,6 +30,10 @@ class STDETConfig:
     safety_window: steps of training loss averaged before and after a round to judge it.
     safety_tolerance: a round whose after-window loss exceeds the before-window's by more than this
         fraction is undone and the rate halved. Needs the loss passed to ``STDET.step(loss)``.
+    safety_sigmas: ... and only if the rise also exceeds this many standard errors of the difference
+        of the two window means. The training loss of small random-crop batches is noisy: windows of
+        20 steps differ by far more than 2% by chance, and the plain rule (``safety_sigmas=0``, as
+        METHOD.md words it) then undoes rounds at random and halves the rate towards zero.
     snapshot_dtype: storage dtype of the warm-up trajectories ("float32" or "float16").
     coefficient_dtype: storage dtype of the embedded elements' ``a, b`` ("bfloat16", the default,
         "float16" or "float32"). 16-bit halves their cost; in bench/bench_memory.py it changed the
@@ -57,6 +61,7 @@ class STDETConfig:
     refit: bool = True
     safety_window: int = 20
     safety_tolerance: float = 0.02
+    safety_sigmas: float = 2.0
     snapshot_dtype: str = "float32"
     coefficient_dtype: str = "bfloat16"
     include_gdn: bool = False
@@ -109,6 +114,11 @@ class STDETConfig:
         require(
             "safety_tolerance",
             isinstance(self.safety_tolerance, (int, float)) and self.safety_tolerance >= 0,
+            "a number >= 0",
+        )
+        require(
+            "safety_sigmas",
+            isinstance(self.safety_sigmas, (int, float)) and self.safety_sigmas >= 0,
             "a number >= 0",
         )
         require("sma_every", is_int(self.sma_every) and self.sma_every >= 0, "an integer >= 0")

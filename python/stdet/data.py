@@ -29,7 +29,7 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     array = array[..., :3]
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
 def _bundled(name: str) -> np.ndarray:

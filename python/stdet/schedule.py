@@ -15,12 +15,17 @@ and have no optimizer state (see below).
 Storage is the compact layout (`stdet_kernels.compact`): a tensor's trainable parameter holds only
 its FREE elements and shrinks at every round; the optimizer's per-element state (moments) and the
 sensitivity estimate shrink with it, the entries of elements that stay free kept as they were.
+
+Under torch.distributed (DistributedDataParallel, several ranks) the modes are fitted once, on rank 0,
+and broadcast, and the loss given to `step` is averaged over the ranks; gradients being all-reduced,
+the sensitivities and so every round's choices are the same on every rank.
 """
 
 import logging
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from stdet_kernels import DUMMY, FREE
@@ -40,6 +45,22 @@ from .sma import SMA
 from .trajectory import TrajectoryRecorder, layout
 
 log = logging.getLogger("stdet")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _mean_over_ranks(value: float) -> float:
+    """Under torch.distributed, the mean of `value` over the ranks (each sees its own share of the
+    batch); the rounds' safety rule then decides the same on every rank."""
+    if not _distributed():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
+
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -131,7 +152,7 @@ class STDET:
         if self.sma is not None:
             self.sma.step()
         if loss is not None:
-            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            value = _mean_over_ranks(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
             if not math.isfinite(value):
                 raise ValueError(f"loss: expected a finite number, got {value}")
             self.losses.append((self.step_count, value))
@@ -203,10 +224,16 @@ class STDET:
         return 0 if self.references is None else int(self.references.numel())
 
     def _start_embedding(self) -> None:
-        generator = torch.Generator().manual_seed(self.config.seed)
-        fit = fit_modes(
-            self.recorder.trajectories(), self.slices, self.config.samples, self.config.modes, generator
-        )
+        fit = None
+        if not _distributed() or dist.get_rank() == 0:
+            generator = torch.Generator().manual_seed(self.config.seed)
+            fit = fit_modes(
+                self.recorder.trajectories(), self.slices, self.config.samples, self.config.modes, generator
+            )
+        if _distributed():  # fitted once, on rank 0; every rank embeds the same modes
+            shared = [fit]
+            dist.broadcast_object_list(shared, src=0)
+            fit = shared[0]
         self.recorder = None  # the trajectories are not needed any more
         self.references, self.mode = fit.references, fit.mode
         weights = self.flat_weights()
@@ -298,8 +325,15 @@ class STDET:
         with torch.no_grad():
             self._embed(chosen, codes_new, chosen_a, chosen_b)
         self.refit.remap(codes == FREE, self._flat_codes() == FREE)
-        before = self._mean_loss(self.step_count - config.safety_window, self.step_count)
-        self.pending = {"step": self.step_count, "before": before, "indices": chosen, "refit": stash}
+        window = (self.step_count - config.safety_window, self.step_count)
+        before = self._mean_loss(*window)
+        self.pending = {
+            "step": self.step_count,
+            "before": before,
+            "before_se": self._standard_error(*window),
+            "indices": chosen,
+            "refit": stash,
+        }
         decision = {
             "step": self.step_count,
             "event": "round",
@@ -311,13 +345,27 @@ class STDET:
         self.history.append(decision)
         log.info("stdet: %s", decision)
 
-    def _mean_loss(self, after: int, until: int) -> float | None:
+    def _window(self, after: int, until: int) -> list[float] | None:
         window = [loss for step, loss in self.losses if after < step <= until]
-        return sum(window) / len(window) if len(window) == self.config.safety_window else None
+        return window if len(window) == self.config.safety_window else None
+
+    def _mean_loss(self, after: int, until: int) -> float | None:
+        window = self._window(after, until)
+        return None if window is None else sum(window) / len(window)
+
+    def _standard_error(self, after: int, until: int) -> float:
+        """Standard error of the window's mean loss: how much it moves by chance (batch noise)."""
+        window = self._window(after, until)
+        if window is None or len(window) < 2:
+            return 0.0
+        mean = sum(window) / len(window)
+        variance = sum((loss - mean) ** 2 for loss in window) / (len(window) - 1)
+        return math.sqrt(variance / len(window))
 
     def _judge(self) -> None:
         pending, self.pending = self.pending, None
-        after = self._mean_loss(pending["step"], pending["step"] + self.config.safety_window)
+        window = (pending["step"], pending["step"] + self.config.safety_window)
+        after = self._mean_loss(*window)
         before = pending["before"]
         if before is None or after is None:
             self.history.append({"step": self.step_count, "event": "kept", "reason": "no loss to judge by"})
@@ -327,7 +375,10 @@ class STDET:
             if before >= 0
             else before * (1 - self.config.safety_tolerance)
         )
-        if after <= limit:
+        # A rise must also stand out of the batch noise: the two window means differ by chance with
+        # this standard deviation.
+        noise = math.hypot(pending.get("before_se", 0.0), self._standard_error(*window))
+        if after <= limit or after - before <= self.config.safety_sigmas * noise:
             self.history.append({"step": self.step_count, "event": "kept", "before": before, "after": after})
             return
         # Undo: the round's elements return to FREE with their current values.

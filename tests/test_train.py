@@ -1,0 +1,430 @@
+"""`stdet train` and `stdet eval`: golden log, exact resume, signals, real entropy coding, bad input."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+import torch
+from PIL import Image
+
+from stdet import export_state_dict
+from stdet.cli import main
+from stdet.train import TrainConfig, Trainer, load_checkpoint, train
+
+GOLDEN = Path(__file__).parent / "golden" / "train_log.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(out: Path, **changes) -> TrainConfig:
+    """A run that takes seconds: factorized prior N=8 M=12, 32-pixel crops, STDET from step 4."""
+    settings = dict(
+        arch="bmshj2018-factorized",
+        N=8,
+        M=12,
+        lmbda=0.01,
+        batch_size=2,
+        patch_size=32,
+        lr=1e-3,
+        steps=12,
+        eval_every=6,
+        log_every=1,
+        checkpoint_every=5,
+        method="stdet",
+        warmup_steps=4,
+        snapshots=2,
+        modes=3,
+        embed_every=2,
+        embed_rate=0.2,
+        out=str(out),
+        progress=False,
+    )
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def records(out: Path, kind: str) -> list[dict]:
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "stdet", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_config_round_trips_through_toml_and_rejects_bad_values() -> None:
+    config = tiny(Path("runs/x"), sma_every=3, sma_alpha=0.2)
+    assert TrainConfig.from_dict(tomllib.loads(config.to_toml())) == config
+    with pytest.raises(ValueError, match="^config: unknown setting"):
+        TrainConfig.from_dict({"stepz": 3})
+    for change, flag in [
+        ({"steps": 0}, "--steps"),
+        ({"metric": "l1"}, "--metric"),
+        ({"method": "sgd"}, "--method"),
+        ({"lr": -1.0}, "--lr"),
+        ({"embed_rate": 2.0}, "--embed-rate"),
+        ({"sma_mode": "x"}, "--sma-mode"),
+        ({"quality": 9}, "--quality"),
+        ({"metric": "ms-ssim", "patch_size": 64}, "--patch-size"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{flag}: "):
+            replace(config, **change)
+
+
+def test_golden_log(tmp_path) -> None:
+    """The numbers of a fixed tiny run against a stored log (rel 1e-3). STDET_UPDATE_GOLDEN=1 rewrites it."""
+    train(tiny(tmp_path))
+    keys = {"train": ("loss", "mse", "bpp", "trainable_fraction"), "eval": ("bpp", "psnr", "rd_loss")}
+    got = [
+        {"type": r["type"], "step": r["step"], **{k: r[k] for k in keys[r["type"]]}}
+        for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())
+    ]
+    if os.environ.get("STDET_UPDATE_GOLDEN"):
+        GOLDEN.write_text("".join(json.dumps(r) + "\n" for r in got))
+    expected = [json.loads(line) for line in GOLDEN.read_text().splitlines()]
+    assert [(r["type"], r["step"]) for r in got] == [(r["type"], r["step"]) for r in expected]
+    for have, want in zip(got, expected, strict=True):
+        for key in keys[want["type"]]:
+            assert have[key] == pytest.approx(want[key], rel=1e-3), (want["type"], want["step"], key)
+    assert got[-1]["type"] == "eval" and expected[-2]["trainable_fraction"] < 1.0  # STDET did embed
+
+
+@pytest.mark.parametrize("method", ["adam", "stdet"])
+def test_resume_equals_the_uninterrupted_run(tmp_path, method) -> None:
+    extra = {"sma_every": 2} if method == "adam" else {"sma_every": 2, "sma_mode": "feedback"}
+    whole = tiny(tmp_path / "whole", method=method, **extra)
+    train(whole)
+    first = tiny(tmp_path / "parts", method=method, steps=7, **extra)
+    train(first)
+    train(replace(first, steps=12), resume=tmp_path / "parts" / "last.ckpt")
+    assert records(tmp_path / "whole", "train") == [
+        {**r, "steps_per_s": a["steps_per_s"]}
+        for r, a in zip(
+            records(tmp_path / "parts", "train"), records(tmp_path / "whole", "train"), strict=True
+        )
+    ]
+    a = torch.load(tmp_path / "whole" / "model.pth")
+    b = torch.load(tmp_path / "parts" / "model.pth")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    final_a = json.loads((tmp_path / "whole" / "summary.json").read_text())["final_eval"]
+    final_b = json.loads((tmp_path / "parts" / "summary.json").read_text())["final_eval"]
+    assert final_a == final_b
+
+
+def test_checkpoint_holds_everything_and_is_written_atomically(tmp_path) -> None:
+    train(tiny(tmp_path, steps=6))
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["step"] == 6 and checkpoint["stdet"]["phase"] == "embedding"
+    assert set(checkpoint) >= {"model", "optimizer", "aux_optimizer", "stdet", "rng", "config", "curve"}
+    assert TrainConfig(**checkpoint["config"]) == tiny(tmp_path, steps=6)
+    assert not list(tmp_path.glob("*.tmp"))
+    config_file = tomllib.loads((tmp_path / "config.toml").read_text())
+    assert TrainConfig.from_dict(config_file) == tiny(tmp_path, steps=6)
+
+
+def test_sigint_leaves_a_loadable_checkpoint_that_resumes(tmp_path) -> None:
+    config = tiny(tmp_path, steps=100000, eval_every=0, checkpoint_every=100000)
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(config.to_toml())
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stdet", "train", "--config", str(config_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    log = tmp_path / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 6):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "stopped by SIGINT" in stderr and "Traceback" not in stderr
+    checkpoint = load_checkpoint(tmp_path / "last.ckpt")
+    stopped = checkpoint["step"]
+    assert stopped >= 6
+    summary = train(replace(config, steps=stopped + 2), resume=tmp_path / "last.ckpt")
+    assert summary["steps"] == stopped + 2
+    assert [r["step"] for r in records(tmp_path, "train")] == list(range(1, stopped + 3))
+
+
+def test_eval_round_trips_a_checkpoint_with_real_entropy_coding(tmp_path, capsys) -> None:
+    summary = train(tiny(tmp_path / "run", steps=6))
+    assert (
+        main(
+            [
+                "eval",
+                "--arch",
+                "bmshj2018-factorized",
+                "--checkpoint",
+                str(tmp_path / "run" / "model.pth"),
+                "--lmbda",
+                "0.01",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert set(result["images"]) == {"coffee", "flower", "grace_hopper"}
+    mean = result["mean"]
+    # The exported plain model codes the eval photos as the parametrized one did during training.
+    for key in ("bpp", "psnr", "rd_loss"):
+        assert mean[key] == pytest.approx(summary["final_eval"][key], rel=1e-4), key
+    for record in result["images"].values():
+        assert record["bytes"] > 0 and record["encode_s"] > 0 and record["decode_s"] > 0
+        assert record["bpp"] == pytest.approx(
+            record["bytes"]
+            * 8
+            / (
+                math.prod(
+                    {"coffee": (400, 600), "flower": (427, 640), "grace_hopper": (600, 512)}[
+                        next(k for k, v in result["images"].items() if v is record)
+                    ]
+                )
+            )
+        )
+        assert record["estimated_bpp"] == pytest.approx(record["bpp"], rel=0.1, abs=0.02)
+        assert 0 < record["ms_ssim"] <= 1
+    csv_lines = (tmp_path / "eval" / "eval.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[-1].startswith("mean,")
+    assert "grace_hopper" in capsys.readouterr().out
+
+
+def test_bd_rate_of_known_curves(tmp_path, capsys) -> None:
+    from stdet.evaluate import bd_psnr, bd_rate
+
+    rates = [0.2, 0.4, 0.7, 1.1]
+    psnrs = [28.0, 30.5, 32.6, 34.1]
+    assert bd_rate((rates, psnrs), ([0.8 * r for r in rates], psnrs)) == pytest.approx(-20.0, abs=1e-6)
+    assert bd_psnr((rates, psnrs), (rates, [p + 0.5 for p in psnrs])) == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ValueError, match="^anchor: at least 2"):
+        bd_rate(([0.1], [30.0]), (rates, psnrs))
+    # Through the CLI, from eval.json files.
+    for name, scale in (("a", 1.0), ("b", 0.9)):
+        for i, (r, p) in enumerate(zip(rates, psnrs, strict=True)):
+            folder = tmp_path / f"{name}{i}"
+            folder.mkdir()
+            (folder / "eval.json").write_text(json.dumps({"mean": {"bpp": r * scale, "psnr": p}}))
+    curve = lambda n: f"{n}=" + ",".join(str(tmp_path / f"{n}{i}") for i in range(4))  # noqa: E731
+    assert main(["rd", "--curve", curve("a"), "--curve", curve("b"), "--out", str(tmp_path / "rd")]) == 0
+    result = json.loads((tmp_path / "rd" / "rd.json").read_text())
+    assert result["curves"]["b"]["bd_rate_percent"] == pytest.approx(-10.0, abs=1e-6)
+    assert (tmp_path / "rd" / "rd.png").stat().st_size > 1000
+    assert "BD-rate -10.00%" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2, no traceback
+
+
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith(f"stdet {command}: error: ")]
+    assert len(errors) == 1 and not any("Traceback" in line for line in err), err
+    return errors[0]
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path, capsys) -> None:
+    base = [
+        "train",
+        "--N",
+        "8",
+        "--M",
+        "12",
+        "--patch-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert main([*base, "--data", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in _one_error_line(capsys, "train")
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert main([*base, "--data", str(corrupt)]) == 2
+    assert "no usable PNG/JPEG image" in _one_error_line(capsys, "train")
+
+    assert main([*base, "--arch", "bmshj2099"]) == 2
+    assert "--arch: unknown architecture 'bmshj2099'" in _one_error_line(capsys, "train")
+
+    assert main([*base, "--config", str(tmp_path / "none.toml")]) == 2
+    assert "--config" in _one_error_line(capsys, "train")
+
+    assert main([*base, "--resume"]) == 2
+    assert "--resume: no checkpoint" in _one_error_line(capsys, "train")
+
+    train(tiny(tmp_path / "run", steps=2, method="adam"))
+    model = str(tmp_path / "run" / "model.pth")
+    assert main(["eval", "--arch", "mbt2018-mean", "--checkpoint", model]) == 2
+    assert "checkpoint: does not fit mbt2018-mean" in _one_error_line(capsys, "eval")
+    assert main(["eval", "--arch", "bmshj2018-factorized", "--checkpoint", str(tmp_path / "x.pth")]) == 2
+    assert "does not exist" in _one_error_line(capsys, "eval")
+    assert main([*base, "--resume", str(tmp_path / "run"), "--lr", "0.5"]) == 2
+    assert "--resume: --lr is 0.5 here" in _one_error_line(capsys, "train")
+
+
+def test_a_corrupt_image_among_good_ones_is_skipped_with_a_warning(tmp_path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"ok{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "small.png")
+    with pytest.warns(UserWarning, match="skipped 2 image"):
+        summary = train(
+            tiny(tmp_path / "out", steps=2, method="adam", data=str(folder), eval_data=str(folder))
+        )
+    assert summary["steps"] == 2
+
+
+def test_the_cli_process_exits_without_a_traceback() -> None:
+    finished = run_cli("train", "--arch", "nope", "--steps", "1")
+    assert finished.returncode == 2
+    assert finished.stderr.strip().splitlines() == [
+        finished.stderr.strip().splitlines()[0]
+    ] and finished.stderr.startswith("stdet train: error: --arch: unknown architecture")
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes
+
+
+# CompressAI draws its training quantisation noise from the global generator, and each rank has its own
+# stream: to compare with one process, the test makes the noise a function of the value it is added to.
+HASHED_NOISE = r"""
+import torch
+from compressai.entropy_models import EntropyModel
+
+_quantize = EntropyModel.quantize
+
+
+def _hashed_noise_quantize(self, inputs, mode, means=None):
+    if mode == "noise":
+        noise = torch.frac(torch.sin(inputs.detach() * 12.9898 + 78.233).abs() * 43758.5453) - 0.5
+        return inputs + noise
+    return _quantize(self, inputs, mode, means)
+
+
+EntropyModel.quantize = _hashed_noise_quantize
+"""
+
+WORKER = (
+    HASHED_NOISE
+    + r"""
+import json, sys
+import torch, torch.distributed as dist
+from stdet.train import TrainConfig, Trainer
+from stdet import export_state_dict
+dist.init_process_group("gloo")
+config = TrainConfig(**json.loads(sys.argv[1]))
+trainer = Trainer(config)
+trainer.run()
+weights = export_state_dict(trainer.model).values()
+flat = torch.cat([t.reshape(-1).double() for t in weights if t.is_floating_point()])
+gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(gathered, flat)
+if dist.get_rank() == 0:
+    torch.save({"ranks": gathered, "trainable": trainer.trainable_fraction()}, sys.argv[2])
+dist.destroy_process_group()
+"""
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adam", "stdet"])
+def test_two_processes_with_gloo_match_one_process(tmp_path, method) -> None:
+    config = tiny(
+        tmp_path / "ddp", method=method, batch_size=4, steps=8, lr=1e-4, eval_every=0, checkpoint_every=8
+    )
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    finished = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(worker),
+            json.dumps(asdict(config)),
+            str(tmp_path / "ranks.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    result = torch.load(tmp_path / "ranks.pt")
+    rank0, rank1 = result["ranks"]
+    assert torch.equal(rank0, rank1)  # the ranks hold identical weights
+    from compressai.entropy_models import EntropyModel
+
+    def one_process(batch_size: int) -> tuple[Trainer, torch.Tensor]:
+        original = EntropyModel.quantize
+        try:
+            exec(HASHED_NOISE, {})
+            trainer = Trainer(replace(config, batch_size=batch_size, out=str(tmp_path / f"one{batch_size}")))
+            trainer.run()
+        finally:
+            EntropyModel.quantize = original
+        weights = export_state_dict(trainer.model).values()
+        return trainer, torch.cat([t.reshape(-1).double() for t in weights if t.is_floating_point()])
+
+    single, flat = one_process(config.batch_size)
+    # Gradients are summed in another order: mode discovery may end up with a mode more or less.
+    assert result["trainable"] == pytest.approx(single.trainable_fraction(), abs=1e-3)
+    assert (single.trainable_fraction() < 1.0) == (method == "stdet")
+    ddp_losses = [r["loss"] for r in records(tmp_path / "ddp", "train")]
+    assert ddp_losses == pytest.approx([r["loss"] for r in records(tmp_path / "one4", "train")], rel=1e-3)
+    # Not element by element: Adam's first steps move every weight by about lr * sign(gradient), so a
+    # gradient that rounding puts on the other side of zero moves its weight by 2 lr. The bulk agrees.
+    difference = (rank0 - flat).abs()
+    assert float(difference.median()) < 5e-6 and float(difference.max()) < 2 * config.lr * config.steps
+    # ... which a run on another batch (half of it) does not.
+    _, half = one_process(config.batch_size // 2)
+    assert float((rank0 - half).abs().median()) > 1e-5
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_summary_schema(tmp_path) -> None:
+    finished = run_cli("demo", "--quick", "--out", str(tmp_path / "demo"), timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    for name in ("baseline", "stdet"):
+        run = summary[name]
+        assert set(run["final_eval"]) == {"bpp", "psnr", "rd_loss"}
+        assert all(len(point) == 2 for point in run["curve"]) and run["curve"][-1][0] == 40
+        assert 0 < run["trainable_fraction_end"] <= 1 and run["wall_s"] > 0 and run["peak_rss_mb"] > 0
+    assert summary["baseline"]["trainable_fraction_end"] == 1.0 > summary["stdet"]["trainable_fraction_end"]
+    reached = summary["steps_to_baseline_final"]
+    assert reached is None or isinstance(reached, int)
+    for name in ("report.md", "curves.png", "rd_points.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0
+    assert "| baseline |" in finished.stdout
