@@ -428,3 +428,11 @@ def test_quick_demo_writes_the_summary_schema(tmp_path) -> None:
     for name in ("report.md", "curves.png", "rd_points.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
     assert "| baseline |" in finished.stdout
+
+
+def test_resume_from_the_written_config_finds_its_checkpoint(tmp_path, capsys) -> None:
+    train(tiny(tmp_path / "run", steps=4, method="adam"))
+    config = str(tmp_path / "run" / "config.toml")
+    assert main(["train", "--config", config, "--steps", "6", "--resume"]) == 0
+    assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 3, 4, 5, 6]
+    assert "done: 6 steps" in capsys.readouterr().out

@@ -59,21 +59,24 @@ def resolve_train_config(args: argparse.Namespace):
     """Defaults < the checkpoint's configuration (with --resume) < --config TOML < flags given."""
     from stdet.train import TrainConfig, load_checkpoint
 
-    values: dict = {}
-    resume = None
-    if args.resume is not None:
-        out = Path(getattr(args, "out", None) or TrainConfig.out)
-        resume = Path(args.resume) if args.resume else out / "last.ckpt"
-        values.update(load_checkpoint(resume)["config"])
+    from_file: dict = {}
     if args.config is not None:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"--config: {path} does not exist")
         try:
-            values.update({key.replace("-", "_"): v for key, v in tomllib.loads(path.read_text()).items()})
+            from_file = {key.replace("-", "_"): v for key, v in tomllib.loads(path.read_text()).items()}
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"--config: {path} is not valid TOML ({error})") from None
-    values.update({key: value for key, value in vars(args).items() if key not in _TRAIN_SKIP})
+    given = {key: value for key, value in vars(args).items() if key not in _TRAIN_SKIP}
+    values: dict = {}
+    resume = None
+    if args.resume is not None:
+        out = Path(given.get("out") or from_file.get("out") or TrainConfig.out)
+        resume = Path(args.resume) if args.resume else out / "last.ckpt"
+        values.update(load_checkpoint(resume)["config"])
+    values.update(from_file)
+    values.update(given)
     return TrainConfig.from_dict(values), resume
 
 
@@ -121,6 +124,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, default=s, help="global batch size (default 16)")
     add("--patch-size", type=int, default=s, help="random crop size (default 256)")
     add("--lr", type=float, default=s, help="learning rate (default 1e-4)")
+    add("--lr-schedule", default=s, help="constant (default) or cosine (decays to 0 at --steps)")
     add("--aux-lr", type=float, default=s, help="learning rate of the quantiles (default 1e-3)")
     add("--clip", type=float, default=s, help="max gradient norm, 0 = off (default 1.0)")
     add("--data", default=s, help="folder of PNG/JPEG training images (default: the bundled photos)")

@@ -28,6 +28,7 @@ DEMO = {
     "batch_size": 8,
     "patch_size": 64,
     "lr": 1e-3,
+    "lr_schedule": "cosine",
     "steps": 2000,
 }
 

@@ -78,6 +78,7 @@ class TrainConfig:
     batch_size: int = 16
     patch_size: int = 256
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # or "cosine": lr * (1 + cos(pi * step / steps)) / 2
     aux_lr: float = 1e-3
     clip: float = 1.0  # max gradient norm; 0 turns clipping off
     data: str | None = None  # None: the bundled train photos
@@ -136,6 +137,8 @@ class TrainConfig:
             positive_number("lmbda")
         if self.metric not in ("mse", "ms-ssim"):
             raise ValueError(f"--metric: expected 'mse' or 'ms-ssim', got {self.metric!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"--lr-schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.method not in ("adam", "stdet"):
             raise ValueError(f"--method: expected 'adam' or 'stdet', got {self.method!r}")
         if self.metric == "ms-ssim" and self.patch_size <= 160:
@@ -460,6 +463,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.aux_optimizer is not None:
             self.aux_optimizer.zero_grad(set_to_none=True)
+        for group in self.optimizer.param_groups:  # STDET's refs group included
+            group["lr"] = self.learning_rate(self.step)
         out = self._forward_model()(x)
         loss, mse, bpp = self._losses(out, x)
         if not torch.isfinite(loss.detach()):
@@ -487,6 +492,13 @@ class Trainer:
         if stop > 0 and self._stop_signal is None:
             self._stop_signal = signal.SIGTERM  # another rank was told to stop
         return {"loss": loss_v, "mse": mse_v, "bpp": bpp_v, "psnr": psnr(mse_v), "aux_loss": aux_v}
+
+    def learning_rate(self, step: int) -> float:
+        """The network's learning rate for the step after `step` steps (a function of the step, so
+        a resumed run follows the same schedule)."""
+        if self.config.lr_schedule == "cosine":
+            return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.config.steps))
+        return self.config.lr
 
     def trainable_fraction(self) -> float:
         return 1.0 if self.stdet is None else self.stdet.trainable_fraction()
@@ -552,6 +564,7 @@ class Trainer:
                     last_time, last_step = now, self.step
                     fraction = self.trainable_fraction()
                     record = {"type": "train", "step": self.step, **metrics, "trainable_fraction": fraction}
+                    record["lr"] = self.learning_rate(self.step - 1)
                     record["steps_per_s"] = rate
                     self._log(record)
                     bar.set_postfix(
