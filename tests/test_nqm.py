@@ -65,5 +65,7 @@ def test_cli_prints_the_table_and_saves_the_plot(tmp_path) -> None:
     assert out.stat().st_size > 10_000
     bad = subprocess.run([*command[:4], "--lr", "5"], capture_output=True, text=True, timeout=300)
     assert (
-        bad.returncode == 2 and bad.stderr.startswith("stdet nqm: lr * h") and "Traceback" not in bad.stderr
+        bad.returncode == 2
+        and bad.stderr.startswith("stdet nqm: error: lr * h")
+        and "Traceback" not in bad.stderr
     )
