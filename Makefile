@@ -13,7 +13,7 @@ DEPS := torch==2.14.1 torchvision==0.29.1 compressai==1.2.8 numpy scipy tqdm mat
 	pytest pytest-benchmark hypothesis expecttest ruff build ninja setuptools wheel
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: demo install test bench wheel lint format clean
+.PHONY: demo install test bench study sweep wheel lint format clean
 
 # Re-run when the Makefile (and so DEPS) changes; pip skips what is already installed.
 $(VENV)/.deps: Makefile
@@ -50,6 +50,16 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_fit.py
 	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_sma.py
+	$(PY) -m pytest bench/bench_step.py -q -p no:cacheprovider --benchmark-json=bench/results/step.json
+	$(PY) bench/bench_step.py --report
+
+# Plain Adam against STDET over 3 seeds and 2 lambdas (runs/study, tables in bench/results/study.md).
+study: $(VENV)/.installed
+	$(PY) bench/study.py
+
+# The defaults sweep: one STDET knob at a time on the study's setting (bench/results/sweep.md).
+sweep: $(VENV)/.installed
+	$(PY) bench/study.py --sweep
 
 wheel: $(VENV)/.deps
 	$(PY) -m build --wheel --no-isolation
