@@ -164,7 +164,7 @@ def plot_gap(results: dict, lambdas: list[float], seeds: list[int], out: Path) -
         )
         embedded = results[lmbda][seeds[0]]["stdet"]["history_embedded"]
         twin.plot(
-            [s for s, _ in embedded], [100 * f for f in embedded], color=color, linestyle=":", alpha=0.7
+            [s for s, _ in embedded], [100 * f for _, f in embedded], color=color, linestyle=":", alpha=0.7
         )
     axis.axhline(0, color="gray", linewidth=1)
     axis.set_xlabel("training step")
@@ -218,7 +218,9 @@ def study(args: argparse.Namespace) -> None:
             "lambdas": args.lambdas,
             **{
                 k: v
-                for k, v in vars(demo_configs(out, steps, args.quick)["stdet"]).items()
+                for k, v in vars(
+                    configs_for(out, steps, args.lambdas[0], args.seeds[0], quick=args.quick)["stdet"]
+                ).items()
                 if k not in ("out", "seed", "lmbda", "progress")
             },
         },
@@ -258,6 +260,11 @@ def _fmt_ratio(value: float) -> str:
     return "not reached" if math.isinf(value) else f"{value:.2f}"
 
 
+def _fmt_bd_rate(value: float) -> str:
+    # bjontegaard gives NaN when the two curves' quality ranges do not overlap enough to integrate.
+    return "n/a" if math.isnan(value) else f"{value:+.1f}%"
+
+
 def report(summary: dict, results: dict, args: argparse.Namespace) -> str:
     steps = args.steps
     setting = summary["setting"]
@@ -268,7 +275,7 @@ def report(summary: dict, results: dict, args: argparse.Namespace) -> str:
         f"{setting['lr']} ({setting['lr_schedule']}); STDET warm-up "
         f"{setting['warmup_steps']}, a round every {setting['embed_every']} steps, rate "
         f"{setting['embed_rate']} up to {setting['max_embedded']:.0%}. "
-        f"Eval: bundled eval photos, real entropy coding. Wall time {summary['wall_s'] / 60:.0f} min.",
+        f"Eval: bundled eval photos, real entropy coding.",
         "",
         "| lambda | seed | baseline final RD loss | STDET final RD loss | STDET trainable at end | "
         "steps to baseline final / S | wall s (baseline / STDET) |",
@@ -291,14 +298,15 @@ def report(summary: dict, results: dict, args: argparse.Namespace) -> str:
         + ", ".join(f"{k}: {_fmt_ratio(v)}" for k, v in summary["median_ratio_per_lambda"].items())
         + ").",
         "",
-        "BD-rate / BD-PSNR over the lambdas against the baseline at S (negative BD-rate = fewer bits):",
+        "BD-rate / BD-PSNR over the lambdas against the baseline at S (negative BD-rate = fewer bits; n/a: "
+        "the PSNR ranges of the two 2-point curves do not overlap: no rate difference to average):",
         "",
         "| seed | STDET trained for 0.6 S | plain Adam trained for 0.6 S | STDET trained for S |",
         "| --- | ---: | ---: | ---: |",
     ]
     for row in summary["bd"]:
         cells = [
-            f"{row[key]['bd_rate_percent']:+.1f}% / {row[key]['bd_psnr_db']:+.2f} dB"
+            f"{_fmt_bd_rate(row[key]['bd_rate_percent'])} / {row[key]['bd_psnr_db']:+.2f} dB"
             for key in ("stdet_0.6S", "baseline_0.6S", "stdet")
         ]
         lines.append(f"| {row['seed']} | " + " | ".join(cells) + " |")
