@@ -129,7 +129,6 @@ def evaluate(
         model.train(was_training)
     keys = next(iter(records.values())).keys()
     mean = {key: sum(r[key] for r in records.values()) / len(records) for key in keys}
-    mean["psnr"] = sum(r["psnr"] for r in records.values()) / len(records)
     return {"images": records, "mean": mean}
 
 

@@ -90,22 +90,22 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
-    # STDET (method "stdet") and SMA (either method): see stdet.STDETConfig.
-    warmup_steps: int = 1000
-    snapshots: int = 20
-    modes: int = 10
-    samples: int = 1000
-    embed_every: int = 100
-    embed_rate: float = 0.1
-    max_embedded: float = 0.9
-    protect: float = 0.1
-    min_r2: float = 0.9
-    safety_window: int = 20
-    safety_tolerance: float = 0.02
-    safety_sigmas: float = 2.0
-    sma_every: int = 0
-    sma_alpha: float = 0.1
-    sma_mode: str = "shadow"
+    # STDET (method "stdet") and SMA (either method): stdet.STDETConfig's knobs, with its defaults.
+    warmup_steps: int = STDETConfig.warmup_steps
+    snapshots: int = STDETConfig.snapshots
+    modes: int = STDETConfig.modes
+    samples: int = STDETConfig.samples
+    embed_every: int = STDETConfig.embed_every
+    embed_rate: float = STDETConfig.embed_rate
+    max_embedded: float = STDETConfig.max_embedded
+    protect: float = STDETConfig.protect
+    min_r2: float = STDETConfig.min_r2
+    safety_window: int = STDETConfig.safety_window
+    safety_tolerance: float = STDETConfig.safety_tolerance
+    safety_sigmas: float = STDETConfig.safety_sigmas
+    sma_every: int = STDETConfig.sma_every
+    sma_alpha: float = STDETConfig.sma_alpha
+    sma_mode: str = STDETConfig.sma_mode
 
     def __post_init__(self) -> None:
         def positive_int(name: str, minimum: int = 1) -> None:
