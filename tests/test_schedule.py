@@ -276,5 +276,25 @@ def test_a_second_stdet_on_the_same_model_is_refused() -> None:
     _train(model, optimizer, st, range(20))  # attached now
     with pytest.raises(RuntimeError, match="already has STDET parametrizations"):
         stdet.STDET(model, optimizer, stdet.STDETConfig(**CONFIG))
-    with pytest.raises(RuntimeError, match="call it on a new STDET"):
-        st.load_state_dict(st.state_dict())
+    warmup_state = _setup(stdet.STDETConfig(**CONFIG))[2].state_dict()
+    with pytest.raises(RuntimeError, match="saved during the warm-up"):
+        st.load_state_dict(warmup_state)
+
+
+def test_a_running_stdet_takes_its_own_state_back_unchanged() -> None:
+    """``model.load_state_dict(model.state_dict())`` mid-run (restoring a best model does this)."""
+    model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG))
+    _train(model, optimizer, st, range(20))
+    before = stdet.export_state_dict(model)
+    state, codes = (
+        model.state_dict(),
+        [e.code.clone() for e in stdet.parametrize.parametrized_tensors(model).values()],
+    )
+    model.load_state_dict(state)
+    optimizer.load_state_dict(optimizer.state_dict())
+    after = stdet.export_state_dict(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(
+        torch.equal(c, e.code) for c, e in zip(codes, stdet.parametrize.parametrized_tensors(model).values())
+    )
+    _train(model, optimizer, st, range(20, 24))  # and training goes on

@@ -130,8 +130,9 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, method) -> None:
 def test_checkpoint_holds_everything_and_is_written_atomically(tmp_path) -> None:
     train(tiny(tmp_path, steps=6))
     checkpoint = load_checkpoint(tmp_path)
-    assert checkpoint["step"] == 6 and checkpoint["stdet"]["phase"] == "embedding"
-    assert set(checkpoint) >= {"model", "optimizer", "aux_optimizer", "stdet", "rng", "config", "curve"}
+    # STDET's state travels inside the model's state dict
+    assert checkpoint["step"] == 6 and checkpoint["model"]["stdet._extra_state"]["phase"] == "embedding"
+    assert set(checkpoint) >= {"model", "optimizer", "aux_optimizer", "rng", "config", "curve"}
     assert TrainConfig(**checkpoint["config"]) == tiny(tmp_path, steps=6)
     assert not list(tmp_path.glob("*.tmp"))
     config_file = tomllib.loads((tmp_path / "config.toml").read_text())

@@ -124,7 +124,26 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, default=s, help="global batch size (default 16)")
     add("--patch-size", type=int, default=s, help="random crop size (default 256)")
     add("--lr", type=float, default=s, help="learning rate (default 1e-4)")
-    add("--lr-schedule", default=s, help="constant (default) or cosine (decays to 0 at --steps)")
+    add(
+        "--lr-schedule",
+        default=s,
+        help="constant (default), cosine (decays to 0 at --steps), step (x --lr-gamma at each of "
+        "--lr-milestones) or plateau (CompressAI's ReduceLROnPlateau on the eval RD loss)",
+    )
+    add(
+        "--lr-milestones",
+        type=float,
+        nargs="+",
+        default=s,
+        help="steps of the step schedule: fractions of --steps (< 1) or step numbers (default 0.85)",
+    )
+    add("--lr-gamma", type=float, default=s, help="factor of each decay, step and plateau (default 0.1)")
+    add("--lr-patience", type=int, default=s, help="plateau: evaluations without progress (default 10)")
+    add(
+        "--init",
+        default=s,
+        help="start from this trained model (any checkpoint stdet export reads; fresh optimizers)",
+    )
     add("--aux-lr", type=float, default=s, help="learning rate of the quantiles (default 1e-3)")
     add("--clip", type=float, default=s, help="max gradient norm, 0 = off (default 1.0)")
     add("--data", default=s, help="folder of PNG/JPEG training images (default: the bundled photos)")
@@ -165,27 +184,16 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
 
     from stdet.data import bundled_images, load_folder
     from stdet.evaluate import evaluate, write_results
+    from stdet.export import ExportError, read_plain_state_dict
     from stdet.train import TrainingError, load_model, resolved_lmbda
 
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"--checkpoint: {checkpoint} does not exist")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise TrainingError(
-            f"--checkpoint: {checkpoint} is not a readable state dict ({type(error).__name__})"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state:  # CompressAI's training checkpoints
-        state = state["state_dict"]
-    if not isinstance(state, dict) or any(".parametrizations." in key for key in state):
-        raise TrainingError(
-            f"--checkpoint: {checkpoint} is not a plain state dict (use the model.pth of stdet train)"
-        )
+    try:  # any checkpoint `stdet export` reads: the SMA averages where saved
+        state, _ = read_plain_state_dict(args.checkpoint)
+    except ExportError as error:
+        raise TrainingError(f"--checkpoint: {error}") from None
     model = load_model(args.arch, state).to(args.device).eval()
     images = bundled_images("eval") if args.data is None else load_folder(args.data).images
     result = evaluate(model, images, args.metric, resolved_lmbda(args.metric, args.quality, args.lmbda))
@@ -198,6 +206,18 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out is not None:
         json_path, csv_path = write_results(result, Path(args.out))
         print(f"results: {json_path}, {csv_path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Any checkpoint with STDET in it as a plain CompressAI checkpoint ({"state_dict": ...})."""
+    from stdet.export import ExportError, export_checkpoint
+
+    try:
+        plain = export_checkpoint(args.checkpoint, args.out, raw=args.raw, arch=args.arch)
+    except ExportError as error:
+        raise ValueError(str(error)) from None
+    print(f"{args.out}: {len(plain)} tensors, {'live weights' if args.raw else 'averages where saved'}")
     return 0
 
 
@@ -255,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a model.pth with real entropy coding")
     evaluate.add_argument("--arch", required=True, help="CompressAI zoo architecture of the checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, help="a plain state dict (stdet train's model.pth)")
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="model.pth, last.ckpt or any checkpoint stdet export reads"
+    )
     evaluate.add_argument(
         "--data", default=None, help="folder of PNG/JPEG images (default: bundled eval photos)"
     )
@@ -265,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--lmbda", type=float, default=None)
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=_eval)
+
+    export = commands.add_parser(
+        "export",
+        help="write any checkpoint of a run with STDET as a plain CompressAI checkpoint (eval_model)",
+    )
+    export.add_argument("checkpoint", help="stdet train's last.ckpt, a CompressAI-style dict or a state dict")
+    export.add_argument("out", help="where to write {'state_dict': plain} (e.g. model.pth.tar)")
+    export.add_argument("--raw", action="store_true", help="the live weights, not the SMA averages")
+    export.add_argument("--arch", default=None, help="check that this CompressAI architecture loads it")
+    export.set_defaults(run=_export)
 
     rd = commands.add_parser("rd", help="BD-rate and BD-PSNR between RD curves, and an RD plot")
     rd.add_argument(

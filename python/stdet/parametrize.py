@@ -16,7 +16,8 @@ CompressAI's `MaskedConv2d` multiplies its weight by a causal mask in `forward` 
 """
 
 import fnmatch
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -24,6 +25,14 @@ from torch.nn.utils import parametrize
 
 import stdet_kernels
 from stdet_kernels import DUMMY, FREE
+
+# `stdet.STDET` adds a child module of this name to the model; its state is this state-dict key.
+STATE_MODULE = "stdet"
+STATE_KEY = f"{STATE_MODULE}._extra_state"
+# ``<layer>.parametrizations.<tensor>.original`` and ``<layer>.parametrizations.<tensor>.0.<buffer>``
+_PARAMETRIZED_KEY = re.compile(
+    r"(?:(.*)\.)?parametrizations\.([^.]+)\.(original|0\.(?:code|offsets|a|b|refs))"
+)
 
 EMBEDDABLE_LAYERS = (
     nn.Conv1d,
@@ -239,8 +248,10 @@ def embedding_state(model: nn.Module) -> dict[str, object]:
 
 def export_state_dict(model: nn.Module, sma=None, raw: bool = False) -> dict[str, torch.Tensor]:
     """The model's state dict with plain weights under its own key names (``g_a.0.weight``, ...), as
-    the unparametrized model has it: loadable by code that has never imported stdet. With an `SMA`
-    (and not `raw`), the averaged weights are exported instead of the live ones."""
+    the unparametrized model has it (the weights it computes now, so inside ``SMA.swap`` the
+    averages): loadable by code that has never imported stdet. With an `SMA` (and not `raw`), the
+    averaged weights are exported instead of the live ones. `plain_state_dict` does the same from a
+    saved state dict, with no model."""
     if sma is not None and not raw:
         with sma.swap():  # copies: the live weights come back when the block ends
             return {key: tensor.clone() for key, tensor in export_state_dict(model).items()}
@@ -248,9 +259,50 @@ def export_state_dict(model: nn.Module, sma=None, raw: bool = False) -> dict[str
     parametrized = parametrized_tensors(model)
     with torch.no_grad(), parametrize.cached():
         for key, tensor in model.state_dict().items():
-            if ".parametrizations." not in key:
+            if ".parametrizations." not in key and not _is_state_key(key):
                 plain[key] = tensor
         for name in parametrized:
             module, param_name = owner(model, name)
             plain[name] = getattr(module, param_name).detach().clone()
+    return plain
+
+
+def _is_state_key(key: str) -> bool:
+    return key == STATE_KEY or key.endswith("." + STATE_KEY)
+
+
+def plain_state_dict(
+    state_dict: Mapping[str, object], averages: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """A plain CompressAI state dict from the state dict of a model with STDET on it (works on the
+    keys alone, no model needed): each parametrized tensor is reconstructed under its own key
+    (``g_a.0.weight``), STDET's own state is left out, everything else is kept. With `averages` (SMA's,
+    keyed like the plain state dict) a tensor that has an average is exported as its average.
+    """
+    plain: dict[str, torch.Tensor] = {}
+    layouts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if _is_state_key(key):
+            continue
+        match = _PARAMETRIZED_KEY.fullmatch(key)
+        if match is None:
+            plain[key] = value
+            continue
+        layer, tensor, part = match.groups()
+        name = f"{layer}.{tensor}" if layer else tensor
+        layouts.setdefault(name, {})[part.removeprefix("0.")] = value
+    with torch.no_grad():
+        for name, parts in layouts.items():
+            missing = {"original", "code", "offsets", "a", "b", "refs"} - set(parts)
+            if missing:
+                raise ValueError(
+                    f"state_dict: parametrized tensor {name!r} lacks {', '.join(sorted(missing))}"
+                )
+            free = parts["original"]
+            layout = (free, parts["code"], parts["offsets"], parts["a"], parts["b"], parts["refs"].to(free))
+            plain[name] = stdet_kernels.reconstruct_compact(*layout)
+    if averages:
+        for key in plain:
+            if key in averages:
+                plain[key] = averages[key].detach().clone()
     return plain

@@ -16,6 +16,15 @@ Storage is the compact layout (`stdet_kernels.compact`): a tensor's trainable pa
 its FREE elements and shrinks at every round; the optimizer's per-element state (moments) and the
 sensitivity estimate shrink with it, the entries of elements that stay free kept as they were.
 
+Checkpoints need nothing of their own: STDET's state travels inside the model's ``state_dict()``
+(as ``stdet._extra_state``, PyTorch's mechanism for non-tensor module state), and loading such a state
+dict into a model with a new `STDET` on it re-attaches the parametrizations with the saved layout
+before the layers load, so a training loop's usual ``torch.save({"state_dict": net.state_dict(),
+"optimizer": optimizer.state_dict()})`` and its resume path (model, optimizer, STDET, then
+``net.load_state_dict``, then ``optimizer.load_state_dict``) just work. The shared ``refs`` join the
+optimizer's param group of the network's weights, so whatever the user's learning-rate scheduler does
+to that group (created before STDET attaches or not, decayed already or not) it does to them.
+
 Under torch.distributed (DistributedDataParallel, several ranks) the modes are fitted once, on rank 0,
 and broadcast, and the loss given to `step` is averaged over the ranks; gradients being all-reduced,
 the sensitivities and so every round's choices are the same on every rank.
@@ -23,6 +32,7 @@ the sensitivities and so every round's choices are the same on every rank.
 
 import logging
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -33,6 +43,8 @@ from stdet_kernels import DUMMY, FREE
 from .config import STDETConfig
 from .modes import OnlineRefit, fit_modes
 from .parametrize import (
+    STATE_KEY,
+    STATE_MODULE,
     Embedded,
     attach,
     embeddable_parameters,
@@ -65,6 +77,25 @@ def _mean_over_ranks(value: float) -> float:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class STDETState(nn.Module):
+    """Puts the `STDET` object's state into its model's ``state_dict()`` (``stdet._extra_state``).
+
+    Added to the model as child ``stdet``; it holds no tensors of its own. Loading goes through the
+    model's load pre-hook that `STDET` registers (the layers must be re-attached before they load, and
+    this child loads last), so ``set_extra_state`` has nothing left to do.
+    """
+
+    def __init__(self, owner: "STDET") -> None:
+        super().__init__()
+        self._owner = weakref.ref(owner)  # no cycle through the model; deepcopy shares the STDET
+
+    def get_extra_state(self) -> dict:
+        return self._owner().state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        """Already restored by the model's load pre-hook, before its layers loaded."""
+
+
 class STDET:
     """Runs STDET on `model`, whose parameters `optimizer` updates. See the module docstring."""
 
@@ -76,7 +107,7 @@ class STDET:
             raise TypeError(f"config: expected a stdet.STDETConfig, got {type(self.config).__name__}")
         self.model = model
         self.optimizer = optimizer
-        if parametrized_tensors(model):
+        if parametrized_tensors(model) or isinstance(getattr(model, STATE_MODULE, None), STDETState):
             raise RuntimeError("model: already has STDET parametrizations (one STDET per model)")
         self.names = embeddable_parameters(
             model, self.config.include_gdn, self.config.include, self.config.exclude
@@ -85,11 +116,17 @@ class STDET:
             raise ValueError(
                 "model: no embeddable parameters (no convolution or linear layer outside entropy models)"
             )
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        held = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         for name in self.names:
             if id(model.get_parameter(name)) not in held:
                 raise ValueError(f"optimizer: does not hold the model's parameter {name!r}")
         tensors = {name: model.get_parameter(name) for name in self.names}
+        # refs join the group holding most of the embeddable elements: they follow its learning rate.
+        groups = optimizer.param_groups
+        elements = [0] * len(groups)
+        for tensor in tensors.values():
+            elements[next(i for i, g in enumerate(groups) if g is held[id(tensor)])] += tensor.numel()
+        self.refs_group = elements.index(max(elements))
         self.slices = layout(tensors)
         self.elements = self.slices[-1].stop
         self.recorder: TrajectoryRecorder | None = TrajectoryRecorder(
@@ -113,6 +150,9 @@ class STDET:
         self.sma: SMA | None = None
         if self.config.sma_every:
             self.sma = SMA(model, self.config.sma_every, self.config.sma_alpha, self.config.sma_mode)
+        model.add_module(STATE_MODULE, STDETState(self))
+        model.register_load_state_dict_pre_hook(self._before_model_loads)
+        model.register_load_state_dict_post_hook(_state_is_optional)
 
     # ------------------------------------------------------------------------------------------
     # Views of the attached model
@@ -206,7 +246,7 @@ class STDET:
             # masked-out ones): so must its optimizer state be.
             all_free = torch.full(before[name], FREE, dtype=torch.uint8, device=embedded.code.device)
             self._remap_state(self._value(name), all_free, embedded.code)
-        self.optimizer.add_param_group({"params": [self.refs]})
+        self.optimizer.param_groups[self.refs_group]["params"].append(self.refs)
         self.sensitivity = {name: torch.zeros_like(self._value(name)) for name in self.names}
         self.phase = "embedding"
 
@@ -409,7 +449,7 @@ class STDET:
         return {
             "config": self.config.to_dict(),
             "names": list(self.names),
-            "shapes": [piece.shape for piece in self.slices],
+            "shapes": [list(piece.shape) for piece in self.slices],
             "step": self.step_count,
             "phase": self.phase,
             "rate": self.rate,
@@ -429,26 +469,39 @@ class STDET:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict`. Call on a new STDET, before loading the model's and the optimizer's
-        state dicts: past the warm-up it attaches the model so those state dicts fit."""
-        if self.step_count != 0 or self.phase != "warmup":
-            raise RuntimeError("load_state_dict: call it on a new STDET, before any step")
+        """Restore a `state_dict`, before the model's and the optimizer's state dicts are loaded: past the
+        warm-up it attaches the model (or re-lays its tensors out) so that those state dicts fit.
+
+        Loading a model's state dict does this by itself (see `STDETState`). On a model already
+        attached, the optimizer's per-element state follows the new layout (elements that become FREE
+        start from zero) until the optimizer's own state dict is loaded.
+        """
         shapes = [piece.shape for piece in self.slices]
         if state.get("names") != self.names or [tuple(s) for s in state.get("shapes", [])] != shapes:
             raise ValueError("state: was saved for a different model (its embeddable tensors differ)")
+        if state["phase"] == "warmup" and self.phase != "warmup":
+            raise RuntimeError(
+                "state: saved during the warm-up, but this model is attached already; load it into a "
+                "new model with a new STDET"
+            )
+        if self.phase != "warmup" and state["references"].numel() != self.num_modes:
+            raise ValueError(
+                f"state: has {state['references'].numel()} modes, this STDET {self.num_modes}; load it "
+                "into a new model with a new STDET"
+            )
         self.step_count, self.rate = state["step"], state["rate"]
         self.history, self.losses = list(state["history"]), [tuple(x) for x in state["losses"]]
         self.pending, self.last_round = state["pending"], state["last_round"]
         if self.sma is not None and state.get("sma") is not None:
             self.sma.load_state_dict(state["sma"])
-        if state["recorder"] is not None:
+        if state["phase"] == "warmup":
             self.recorder.buffer.copy_(state["recorder"]["buffer"])
             self.recorder.count = state["recorder"]["count"]
-        if state["phase"] == "warmup":
             return
         self.recorder = None
         self.references, self.mode = state["references"], state["mode"]
-        self._attach(self.num_modes)
+        if self.phase == "warmup":
+            self._attach(self.num_modes)
         self.refit = OnlineRefit.from_state_dict(state["refit"])
         if self.sma is not None:
             self.sma.references = self.reference_positions()
@@ -457,7 +510,22 @@ class STDET:
                 # The saved layout, so that the model's and the optimizer's state dicts fit; the
                 # values themselves come with the model's state dict.
                 param = self._value(name)
+                old_code = embedded.code.clone()
                 code = state["codes"][name].to(embedded.code.device)
                 zeros = torch.zeros(code.shape, dtype=param.dtype, device=param.device)
                 embedded.repack(param, zeros, code, zeros, zeros)
+                self._remap_state(param, old_code, code)
         self.sensitivity = {name: saved.clone() for name, saved in state["sensitivity"].items()}
+
+    def _before_model_loads(self, module, state_dict, prefix, *_) -> None:
+        """The model's load pre-hook: restore STDET's state first, so the layers' keys fit."""
+        state = state_dict.get(prefix + STATE_KEY)
+        if state is not None:
+            self.load_state_dict(state)
+
+
+def _state_is_optional(module: nn.Module, incompatible_keys) -> None:
+    """A state dict without STDET's state (plain weights, e.g. a pretrained model loaded before the
+    warm-up ends) loads into a model with STDET on it without a missing-key error."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if key != STATE_KEY and not key.endswith("." + STATE_KEY)]

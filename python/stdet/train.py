@@ -17,13 +17,14 @@ bottlenecks' ``quantiles`` minimising ``aux_loss()``, gradient-norm clipping. Ar
   `stdet.STDET`), only rank 0 evaluates and writes.
 """
 
+import functools
 import json
 import math
 import os
 import resource
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -40,7 +41,8 @@ from .sma import SMA
 # CompressAI's lambdas for its pretrained qualities 1..8.
 MSE_LAMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.0250, 6: 0.0483, 7: 0.0932, 8: 0.1800}
 MS_SSIM_LAMBDAS = {1: 2.40, 2: 4.58, 3: 8.73, 4: 16.64, 5: 31.73, 6: 60.50, 7: 115.37, 8: 220.00}
-CHECKPOINT_FORMAT = "stdet-train-1"
+CHECKPOINT_FORMAT = "stdet-train-2"  # 2: STDET's state inside the model's state dict
+LR_SCHEDULES = ("constant", "cosine", "step", "plateau")
 # Flags that may differ when a run is resumed (the rest must match the checkpoint's configuration).
 RESUME_MAY_CHANGE = ("steps", "out", "device", "eval_every", "log_every", "checkpoint_every", "progress")
 
@@ -78,9 +80,16 @@ class TrainConfig:
     batch_size: int = 16
     patch_size: int = 256
     lr: float = 1e-4
-    lr_schedule: str = "constant"  # or "cosine": lr * (1 + cos(pi * step / steps)) / 2
+    # "constant"; "cosine": lr * (1 + cos(pi * step / steps)) / 2; "step": lr * gamma^(milestones
+    # passed), the LIC habit of a 10x drop late; "plateau": CompressAI's ReduceLROnPlateau on the eval
+    # RD loss (factor lr_gamma, patience lr_patience evaluations).
+    lr_schedule: str = "constant"
+    lr_milestones: list[float] = field(default_factory=lambda: [0.85])  # < 1: fraction of steps
+    lr_gamma: float = 0.1
+    lr_patience: int = 10
     aux_lr: float = 1e-3
     clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    init: str | None = None  # start from this trained model (any checkpoint `stdet export` reads)
     data: str | None = None  # None: the bundled train photos
     eval_data: str | None = None  # None: the bundled eval photos
     eval_every: int = 100  # 0: evaluate only at the end
@@ -123,7 +132,7 @@ class TrainConfig:
 
         for name in ("steps", "batch_size", "patch_size", "log_every", "checkpoint_every"):
             positive_int(name)
-        for name in ("eval_every", "seed", "sma_every"):
+        for name in ("eval_every", "seed", "sma_every", "lr_patience"):
             positive_int(name, 0)
         if self.quality not in MSE_LAMBDAS:
             raise ValueError(f"--quality: expected 1..8, got {self.quality!r}")
@@ -137,8 +146,22 @@ class TrainConfig:
             positive_number("lmbda")
         if self.metric not in ("mse", "ms-ssim"):
             raise ValueError(f"--metric: expected 'mse' or 'ms-ssim', got {self.metric!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"--lr-schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"--lr-schedule: expected one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        milestones_ok = isinstance(self.lr_milestones, list) and all(
+            isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 and (m < 1 or m == int(m))
+            for m in self.lr_milestones
+        )
+        if not milestones_ok:
+            raise ValueError(
+                "--lr-milestones: expected fractions of the steps in (0, 1) or step numbers >= 1, "
+                f"got {self.lr_milestones!r}"
+            )
+        gamma = self.lr_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+            raise ValueError(f"--lr-gamma: expected a number in (0, 1], got {gamma!r}")
         if self.method not in ("adam", "stdet"):
             raise ValueError(f"--method: expected 'adam' or 'stdet', got {self.method!r}")
         if self.metric == "ms-ssim" and self.patch_size <= 160:
@@ -179,12 +202,43 @@ class TrainConfig:
                 continue
             if isinstance(value, bool):
                 text = "true" if value else "false"
+            elif isinstance(value, list):
+                text = json.dumps(value)  # a JSON list of numbers is a valid TOML array
             elif isinstance(value, (int, float)):
                 text = repr(value)
             else:
                 text = json.dumps(str(value))  # a JSON string is a valid TOML basic string
             lines.append(f"{key} = {text}")
         return "\n".join(lines) + "\n"
+
+
+def milestone_steps(config: TrainConfig) -> list[int]:
+    """The steps after which the "step" schedule multiplies the learning rate by ``lr_gamma``."""
+    return [round(m * config.steps) if m < 1 else int(m) for m in config.lr_milestones]
+
+
+def learning_rate(config: TrainConfig, step: int, eval_losses: list | tuple = ()) -> float:
+    """The network's learning rate for the step after `step` steps: a function of the step (and, for
+    "plateau", of the eval RD losses ``[(step, loss), ...]`` logged up to it), so a resumed run
+    follows the same schedule."""
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / config.steps))
+    if config.lr_schedule == "step":
+        return config.lr * config.lr_gamma ** sum(1 for m in milestone_steps(config) if m <= step)
+    if config.lr_schedule == "plateau" and config.lr_gamma < 1:
+        losses = tuple(loss for at, loss in eval_losses if at <= step)
+        return _plateau_lr(config.lr, config.lr_gamma, config.lr_patience, losses)
+    return config.lr
+
+
+@functools.lru_cache(maxsize=8)
+def _plateau_lr(lr: float, factor: float, patience: int, losses: tuple[float, ...]) -> float:
+    """CompressAI's schedule (torch's ReduceLROnPlateau, mode "min") replayed over the eval losses."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=factor, patience=patience)
+    for loss in losses:
+        scheduler.step(loss)
+    return optimizer.param_groups[0]["lr"]
 
 
 def build_model(arch: str, N: int | None = None, M: int | None = None, quality: int = 3) -> nn.Module:
@@ -221,6 +275,26 @@ def load_model(arch: str, state_dict: dict) -> nn.Module:
         raise TrainingError(f"checkpoint: does not fit {arch} ({first[:200]})") from None
 
 
+def initial_model(config: TrainConfig) -> nn.Module:
+    """The model of ``--init``: its architecture's CompressAI model holding the checkpoint's weights
+    (channel counts read from them; ``--N``/``--M`` must agree where given)."""
+    from .export import ExportError, read_plain_state_dict
+
+    try:
+        plain, _ = read_plain_state_dict(config.init)
+    except ExportError as error:
+        raise TrainingError(f"--init: {error}") from None
+    try:
+        model = load_model(config.arch, plain)
+    except TrainingError as error:
+        raise TrainingError(f"--init: {str(error).removeprefix('checkpoint: ')}") from None
+    for name in ("N", "M"):
+        wanted, held = getattr(config, name), getattr(model, name, None)
+        if wanted is not None and held is not None and wanted != held:
+            raise TrainingError(f"--init: the checkpoint's model has {name}={held}, but --{name} is {wanted}")
+    return model
+
+
 def _atomic_save(obj: object, path: Path) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over `path`: a
     reader (or a crash) sees the old file or the new one, never half of one."""
@@ -250,7 +324,16 @@ def load_checkpoint(path: str | Path) -> dict:
         raise TrainingError(
             f"--resume: {file} is not a readable checkpoint ({type(error).__name__})"
         ) from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    saved_format = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if (
+        isinstance(saved_format, str)
+        and saved_format.startswith("stdet-train")
+        and saved_format != CHECKPOINT_FORMAT
+    ):
+        raise TrainingError(
+            f"--resume: {file} was written by an older stdet ({saved_format}), which this one cannot resume"
+        )
+    if saved_format != CHECKPOINT_FORMAT:
         raise TrainingError(f"--resume: {file} is not a stdet training checkpoint")
     return checkpoint
 
@@ -286,6 +369,14 @@ class _Distributed:
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
         self.dist.all_reduce(tensor)
         return (tensor / self.world).cpu().tolist()
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's `value` on every rank (`value` itself without torchrun)."""
+        if not self.active:
+            return value
+        shared = [value]
+        self.dist.broadcast_object_list(shared, src=0)
+        return shared[0]
 
     def gather(self, value: object) -> list:
         """`value` of every rank, in rank order (a list of one without torchrun)."""
@@ -326,7 +417,10 @@ class Trainer:
         )
 
         torch.manual_seed(config.seed)
-        self.model = build_model(config.arch, config.N, config.M, config.quality).to(self.device)
+        if config.init is None:
+            self.model = build_model(config.arch, config.N, config.M, config.quality).to(self.device)
+        else:
+            self.model = initial_model(config).to(self.device)
         if self.rank > 0:
             # Same initialisation on every rank, but each rank its own stream of quantisation noise
             # (CompressAI draws it from the global generator); rank 0 keeps the single-process stream.
@@ -371,14 +465,13 @@ class Trainer:
         return device
 
     def _restore(self, checkpoint: dict) -> None:
-        """Continue from `checkpoint`: STDET first (it re-attaches so the other state dicts fit)."""
-        if self.stdet is not None:
-            self.stdet.load_state_dict(checkpoint["stdet"])
-        elif self.sma is not None and checkpoint.get("sma") is not None:
+        """Continue from `checkpoint`. STDET's state is in the model's state dict: loading it
+        re-attaches the model first, so the optimizer's state dict fits."""
+        if self.stdet is None and self.sma is not None and checkpoint.get("sma") is not None:
             self.sma.load_state_dict(checkpoint["sma"])
         try:
             self.model.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:
+        except (RuntimeError, ValueError) as error:
             raise TrainingError(
                 f"--resume: the checkpoint does not fit the model ({str(error)[:200]})"
             ) from None
@@ -414,8 +507,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "aux_optimizer": None if self.aux_optimizer is None else self.aux_optimizer.state_dict(),
-            "stdet": None if self.stdet is None else self.stdet.state_dict(),
-            "sma": None if self.sma is None else self.sma.state_dict(),
+            "sma": None if self.sma is None or self.stdet is not None else self.sma.state_dict(),
             "rng": rng_of_ranks,
             "wall_s": self.wall_s,
             "curve": self.curve,
@@ -494,11 +586,8 @@ class Trainer:
         return {"loss": loss_v, "mse": mse_v, "bpp": bpp_v, "psnr": psnr(mse_v), "aux_loss": aux_v}
 
     def learning_rate(self, step: int) -> float:
-        """The network's learning rate for the step after `step` steps (a function of the step, so
-        a resumed run follows the same schedule)."""
-        if self.config.lr_schedule == "cosine":
-            return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.config.steps))
-        return self.config.lr
+        """The network's learning rate for the step after `step` steps (`learning_rate`)."""
+        return learning_rate(self.config, step, self.curve)
 
     def trainable_fraction(self) -> float:
         return 1.0 if self.stdet is None else self.stdet.trainable_fraction()
@@ -574,8 +663,10 @@ class Trainer:
                         trainable=f"{fraction:.0%}",
                     )
                 due = config.eval_every and self.step % config.eval_every == 0
-                if (due or self.step == config.steps) and self.rank == 0:
-                    self._evaluate_and_log()
+                if due or self.step == config.steps:
+                    if self.rank == 0:
+                        self._evaluate_and_log()
+                    self.curve = self.distributed.broadcast(self.curve)  # the plateau schedule reads it
                 self.wall_s += time.perf_counter() - started
                 started = time.perf_counter()
                 if self._stop_signal is not None:
