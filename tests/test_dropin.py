@@ -59,7 +59,7 @@ STEPS_PER_EPOCH = 3
 STDET_CONFIG = dict(warmup_steps=4, snapshots=2, modes=3, samples=50, embed_every=2, embed_rate=0.3)
 
 
-def train_one_epoch(model, criterion, optimizer, aux_optimizer, st, epoch, clip_max_norm=1.0):
+def train_one_epoch(model, criterion, optimizer, aux_optimizer, epoch, clip_max_norm=1.0):
     model.train()
     losses = []
     for i in range(STEPS_PER_EPOCH):
@@ -74,7 +74,7 @@ def train_one_epoch(model, criterion, optimizer, aux_optimizer, st, epoch, clip_
         if clip_max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
         optimizer.step()
-        st.step(out_criterion["loss"])  # stdet, line 2
+        model.stdet.step(out_criterion["loss"])  # stdet, line 2
         aux_loss = model.aux_loss()
         aux_loss.backward()
         aux_optimizer.step()
@@ -87,7 +87,7 @@ def compressai_train_script(epochs: int, checkpoint_path=None, save_path=None) -
     torch.manual_seed(0)
     net = image_models["bmshj2018-factorized"](quality=1)
     optimizer, aux_optimizer = configure_optimizers(net)
-    st = stdet.STDET(net, optimizer, stdet.STDETConfig(**STDET_CONFIG, sma_every=2))  # stdet, line 1
+    stdet.STDET(net, optimizer, stdet.STDETConfig(**STDET_CONFIG, sma_every=2))  # stdet, line 1
     lr_scheduler = optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min")
     criterion = RateDistortionLoss(lmbda=1e-2)
     last_epoch = 0
@@ -100,7 +100,7 @@ def compressai_train_script(epochs: int, checkpoint_path=None, save_path=None) -
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     losses = []
     for epoch in range(last_epoch, epochs):
-        losses += train_one_epoch(net, criterion, optimizer, aux_optimizer, st, epoch)
+        losses += train_one_epoch(net, criterion, optimizer, aux_optimizer, epoch)
         loss = sum(losses[-STEPS_PER_EPOCH:]) / STEPS_PER_EPOCH  # (test_epoch's loss, shortened)
         lr_scheduler.step(loss)
         if save_path is not None:

@@ -80,14 +80,20 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class STDETState(nn.Module):
     """Puts the `STDET` object's state into its model's ``state_dict()`` (``stdet._extra_state``).
 
-    Added to the model as child ``stdet``; it holds no tensors of its own. Loading goes through the
+    Added to the model as child ``stdet``; it holds no tensors of its own, and ``model.stdet.step(loss)``
+    is the STDET object's `step`. Loading goes through the
     model's load pre-hook that `STDET` registers (the layers must be re-attached before they load, and
     this child loads last), so ``set_extra_state`` has nothing left to do.
     """
 
     def __init__(self, owner: "STDET") -> None:
         super().__init__()
-        self._owner = weakref.ref(owner)  # no cycle through the model; deepcopy shares the STDET
+        self._owner = weakref.ref(owner)  # the model's load hooks keep the STDET alive
+
+    def step(self, loss: float | torch.Tensor | None = None) -> None:
+        """`STDET.step`, reachable from the model: ``model.stdet.step(loss)`` in a training loop that
+        is handed the model but not the STDET object (CompressAI's ``train_one_epoch``)."""
+        self._owner().step(loss)
 
     def get_extra_state(self) -> dict:
         return self._owner().state_dict()
