@@ -337,14 +337,25 @@ at::Tensor reconstruct_compact_sma_(const at::Tensor& free_values, const at::Ten
   return reconstruct_compact_impl<true>(free_values, code, offsets, a, b, refs, &sma, alpha);
 }
 
-// (dL/dfree_values, dL/drefs); the refs gradient in fixed chunks of kReduceChunk elements, as in the
-// dense backward.
-template <typename value_t, typename coef_t>
+// Where the fused backward keeps the sensitivity's running mean: one float per FREE element,
+// updated in place from the FREE elements' gradients and values.
+template <typename value_t>
+struct SensitivityUpdate {
+  const value_t* __restrict__ free_values;
+  float* __restrict__ sensitivity;
+  float decay;
+  float complement;  // 1 - decay, rounded once from double
+  bool fisher;
+};
+
+// (dL/dfree_values, dL/drefs) and, when kWithSensitivity, the sensitivity's update; the refs
+// gradient in fixed chunks of kReduceChunk elements, as in the dense backward.
+template <typename value_t, typename coef_t, bool kWithSensitivity>
 void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __restrict__ code,
                              const int32_t* __restrict__ offsets, const coef_t* __restrict__ a,
                              value_t* __restrict__ grad_free, float* __restrict__ partial,
-                             int64_t num_modes, int64_t n, int64_t block_begin,
-                             int64_t block_end) {
+                             const SensitivityUpdate<value_t>& update, int64_t num_modes,
+                             int64_t n, int64_t block_begin, int64_t block_end) {
   std::array<float, stdet::kTableSize> by_code{};
   for (int64_t block = block_begin; block < block_end; ++block) {
     int64_t free_slot = offsets[block];
@@ -354,7 +365,14 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
       const uint8_t c = code[i];
       const float g = static_cast<float>(grad[i]);
       if (c == stdet::kFree) {
-        grad_free[free_slot++] = static_cast<value_t>(g);
+        grad_free[free_slot] = static_cast<value_t>(g);
+        if constexpr (kWithSensitivity) {
+          const float score = stdet::sensitivity_score(
+              g, static_cast<float>(update.free_values[free_slot]), update.fisher);
+          update.sensitivity[free_slot] = stdet::running_mean(
+              update.sensitivity[free_slot], score, update.decay, update.complement);
+        }
+        ++free_slot;
       } else {
         by_code[c] += stdet::ref_grad_contribution(c, static_cast<float>(a[embedded_slot++]), g);
       }
@@ -363,17 +381,26 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
   std::copy(by_code.begin(), by_code.begin() + num_modes, partial);
 }
 
-std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward(const at::Tensor& grad,
-                                                                const at::Tensor& code,
-                                                                const at::Tensor& offsets,
-                                                                const at::Tensor& a,
-                                                                const at::Tensor& refs) {
+template <bool kWithSensitivity>
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
+    const at::Tensor& grad, const at::Tensor& code, const at::Tensor& offsets, const at::Tensor& a,
+    const at::Tensor& refs, const at::Tensor* free_values, at::Tensor* sensitivity, double decay,
+    bool fisher) {
   check_contiguous_cpu(grad, "grad");
   TORCH_CHECK(grad.numel() == code.numel(), "grad: expected the number of elements of code");
   TORCH_CHECK(refs.dim() == 1, "refs: expected a 1-D tensor");
   const int64_t n = code.numel();
   const int64_t blocks = (n + kCompactBlock - 1) / kCompactBlock;
-  check_compact(code, offsets, a, a);
+  const int64_t free_count = check_compact(code, offsets, a, a);
+  if constexpr (kWithSensitivity) {
+    check_contiguous_cpu(*free_values, "free_values");
+    check_contiguous_cpu(*sensitivity, "sensitivity");
+    TORCH_CHECK(free_values->scalar_type() == grad.scalar_type() &&
+                    free_values->numel() == free_count,
+                "free_values: expected the dtype of grad and one element per FREE code");
+    TORCH_CHECK(sensitivity->scalar_type() == at::kFloat && sensitivity->numel() == free_count,
+                "sensitivity: expected float32 and one element per FREE code");
+  }
   const int64_t num_modes = refs.numel();
   constexpr int64_t kBlocksPerChunk = kReduceChunk / kCompactBlock;
   const int64_t num_chunks = (blocks + kBlocksPerChunk - 1) / kBlocksPerChunk;
@@ -390,17 +417,42 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward(const at::Tensor
       const int32_t* offsets_ptr = offsets.data_ptr<int32_t>();
       const coef_t* a_ptr = a.data_ptr<coef_t>();
       value_t* grad_free_ptr = grad_free.data_ptr<value_t>();
+      SensitivityUpdate<value_t> update{nullptr, nullptr, static_cast<float>(decay),
+                                        static_cast<float>(1.0 - decay), fisher};
+      if constexpr (kWithSensitivity) {
+        update.free_values = free_values->data_ptr<value_t>();
+        update.sensitivity = sensitivity->data_ptr<float>();
+      }
       at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
         for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-          compact_backward_blocks<value_t, coef_t>(
+          compact_backward_blocks<value_t, coef_t, kWithSensitivity>(
               grad_ptr, code_ptr, offsets_ptr, a_ptr, grad_free_ptr,
-              partials.data() + chunk * num_modes, num_modes, n, chunk * kBlocksPerChunk,
-              std::min(blocks, (chunk + 1) * kBlocksPerChunk));
+              partials.data() + chunk * num_modes, update, num_modes, n,
+              chunk * kBlocksPerChunk, std::min(blocks, (chunk + 1) * kBlocksPerChunk));
         }
       });
     });
   });
   return {grad_free, sum_partials(partials, num_chunks, refs)};
+}
+
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward(const at::Tensor& grad,
+                                                                const at::Tensor& code,
+                                                                const at::Tensor& offsets,
+                                                                const at::Tensor& a,
+                                                                const at::Tensor& refs) {
+  return reconstruct_compact_backward_impl<false>(grad, code, offsets, a, refs, nullptr, nullptr,
+                                                  0.0, false);
+}
+
+// reconstruct_compact_backward, and in the same pass sensitivity = decay * sensitivity +
+// (1 - decay) * score at every FREE element (score: |g * v|, or g^2 when fisher).
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_sensitivity_(
+    const at::Tensor& grad, const at::Tensor& free_values, const at::Tensor& code,
+    const at::Tensor& offsets, const at::Tensor& a, const at::Tensor& refs, at::Tensor sensitivity,
+    double decay, bool fisher) {
+  return reconstruct_compact_backward_impl<true>(grad, code, offsets, a, refs, &free_values,
+                                                 &sensitivity, decay, fisher);
 }
 
 }  // namespace
@@ -416,4 +468,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "reconstruct_compact, and sma += alpha * (w - sma)");
   m.def("reconstruct_compact_backward", &reconstruct_compact_backward,
         "(dL/dfree_values, dL/drefs) from dL/dw, compact layout");
+  m.def("reconstruct_compact_backward_sensitivity_", &reconstruct_compact_backward_sensitivity_,
+        "reconstruct_compact_backward, and the sensitivity's running mean at the FREE elements");
 }

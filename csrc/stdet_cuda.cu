@@ -313,14 +313,25 @@ __global__ void reconstruct_compact_kernel(const value_t* __restrict__ free_valu
   }
 }
 
-template <typename value_t, typename coef_t>
+// The fused backward's running mean of the sensitivity, one float per FREE element (see
+// stdet_element.h); unused (null pointers) by the plain backward.
+template <typename value_t>
+struct SensitivityUpdate {
+  const value_t* __restrict__ free_values;
+  float* __restrict__ sensitivity;
+  float decay;
+  float complement;  // 1 - decay, rounded once from double
+  bool fisher;
+};
+
+template <typename value_t, typename coef_t, bool kWithSensitivity>
 __global__ void reconstruct_compact_backward_kernel(const value_t* __restrict__ grad,
                                                     const uint8_t* __restrict__ code,
                                                     const int32_t* __restrict__ offsets,
                                                     const coef_t* __restrict__ a,
                                                     value_t* __restrict__ grad_free,
                                                     float* __restrict__ partials, int num_modes,
-                                                    int64_t n) {
+                                                    SensitivityUpdate<value_t> update, int64_t n) {
   __shared__ typename CompactScan::TempStorage scan_storage;
   __shared__ uint8_t tile_code[kCompactBlock];
   __shared__ float tile_contribution[kCompactBlock];
@@ -334,7 +345,14 @@ __global__ void reconstruct_compact_backward_kernel(const value_t* __restrict__ 
     if (i < n) {
       const float g = static_cast<float>(grad[i]);
       if (codes[k] == stdet::kFree) {
-        grad_free[slots.free_slot++] = static_cast<value_t>(g);
+        const int64_t slot = slots.free_slot++;
+        grad_free[slot] = static_cast<value_t>(g);
+        if constexpr (kWithSensitivity) {
+          const float score = stdet::sensitivity_score(
+              g, static_cast<float>(update.free_values[slot]), update.fisher);
+          update.sensitivity[slot] = stdet::running_mean(update.sensitivity[slot], score,
+                                                         update.decay, update.complement);
+        }
       } else {
         contribution = stdet::ref_grad_contribution(
             codes[k], static_cast<float>(a[slots.embedded_slot++]), g);
@@ -416,16 +434,25 @@ at::Tensor reconstruct_compact_sma_(const at::Tensor& free_values, const at::Ten
   return reconstruct_compact_impl<true>(free_values, code, offsets, a, b, refs, &sma, alpha);
 }
 
-std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward(const at::Tensor& grad,
-                                                                const at::Tensor& code,
-                                                                const at::Tensor& offsets,
-                                                                const at::Tensor& a,
-                                                                const at::Tensor& refs) {
+template <bool kWithSensitivity>
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
+    const at::Tensor& grad, const at::Tensor& code, const at::Tensor& offsets, const at::Tensor& a,
+    const at::Tensor& refs, const at::Tensor* free_values, at::Tensor* sensitivity, double decay,
+    bool fisher) {
   check_cuda(grad, "grad");
   check_compact(code, offsets, a, a);
   TORCH_CHECK(grad.numel() == code.numel(), "grad: expected the number of elements of code");
-  const c10::cuda::CUDAGuard guard(code.device());
   const int64_t n = code.numel();
+  if constexpr (kWithSensitivity) {
+    check_cuda(*free_values, "free_values");
+    check_cuda(*sensitivity, "sensitivity");
+    TORCH_CHECK(free_values->scalar_type() == grad.scalar_type() &&
+                    free_values->numel() == n - a.numel(),
+                "free_values: expected the dtype of grad and one element per FREE code");
+    TORCH_CHECK(sensitivity->scalar_type() == at::kFloat && sensitivity->numel() == n - a.numel(),
+                "sensitivity: expected float32 and one element per FREE code");
+  }
+  const c10::cuda::CUDAGuard guard(code.device());
   const int num_modes = static_cast<int>(refs.numel());
   const int64_t blocks = offsets.numel() - 1;
   at::Tensor grad_free = at::empty({n - a.numel()}, grad.options());
@@ -439,11 +466,17 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward(const at::Tensor
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(),
                                     "reconstruct_compact_backward", [&] {
       using coef_t = scalar_t;
-      reconstruct_compact_backward_kernel<value_t, coef_t>
+      SensitivityUpdate<value_t> update{nullptr, nullptr, static_cast<float>(decay),
+                                        static_cast<float>(1.0 - decay), fisher};
+      if constexpr (kWithSensitivity) {
+        update.free_values = free_values->data_ptr<value_t>();
+        update.sensitivity = sensitivity->data_ptr<float>();
+      }
+      reconstruct_compact_backward_kernel<value_t, coef_t, kWithSensitivity>
           <<<blocks, kCompactThreads, 0, stream>>>(
               grad.data_ptr<value_t>(), code.data_ptr<uint8_t>(), offsets.data_ptr<int32_t>(),
               a.data_ptr<coef_t>(), grad_free.data_ptr<value_t>(), partials.data_ptr<float>(),
-              num_modes, n);
+              num_modes, update, n);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -453,6 +486,25 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward(const at::Tensor
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {grad_free, grad_refs.to(refs.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward(const at::Tensor& grad,
+                                                                const at::Tensor& code,
+                                                                const at::Tensor& offsets,
+                                                                const at::Tensor& a,
+                                                                const at::Tensor& refs) {
+  return reconstruct_compact_backward_impl<false>(grad, code, offsets, a, refs, nullptr, nullptr,
+                                                  0.0, false);
+}
+
+// reconstruct_compact_backward, and in the same pass sensitivity = decay * sensitivity +
+// (1 - decay) * score at every FREE element (score: |g * v|, or g^2 when fisher).
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_sensitivity_(
+    const at::Tensor& grad, const at::Tensor& free_values, const at::Tensor& code,
+    const at::Tensor& offsets, const at::Tensor& a, const at::Tensor& refs, at::Tensor sensitivity,
+    double decay, bool fisher) {
+  return reconstruct_compact_backward_impl<true>(grad, code, offsets, a, refs, &free_values,
+                                                 &sensitivity, decay, fisher);
 }
 
 }  // namespace
@@ -468,4 +520,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "reconstruct_compact, and sma += alpha * (w - sma)");
   m.def("reconstruct_compact_backward", &reconstruct_compact_backward,
         "(dL/dfree_values, dL/drefs) from dL/dw, compact layout");
+  m.def("reconstruct_compact_backward_sensitivity_", &reconstruct_compact_backward_sensitivity_,
+        "reconstruct_compact_backward, and the sensitivity's running mean at the FREE elements");
 }

@@ -7,6 +7,7 @@
 
 #include <c10/macros/Macros.h>
 
+#include <cmath>
 #include <cstdint>
 #if !defined(__CUDA_ARCH__)
 #include <bit>
@@ -55,6 +56,18 @@ C10_HOST_DEVICE inline float value_grad(uint8_t code, float grad) {
 // The contribution of one element to dL/drefs[code]: a * grad where embedded, 0 elsewhere.
 C10_HOST_DEVICE inline float ref_grad_contribution(uint8_t code, float a, float grad) {
   return select(code < kDummy, a * grad, 0.0f);
+}
+
+// The sensitivity score of a FREE element from its upstream gradient and its value: |grad * value|
+// (first-order Taylor saliency) or, when `fisher`, grad^2.
+C10_HOST_DEVICE inline float sensitivity_score(float grad, float value, bool fisher) {
+  return select(fisher, grad * grad, fabsf(grad * value));
+}
+
+// The sensitivity's running mean: decay * mean + (1 - decay) * score, with decay in [0, 1).
+// `complement` is 1 - decay computed in double on the host and rounded once, as every backend does.
+C10_HOST_DEVICE inline float running_mean(float mean, float score, float decay, float complement) {
+  return decay * mean + complement * score;
 }
 
 }  // namespace stdet

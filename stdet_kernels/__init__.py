@@ -19,6 +19,7 @@ from .compact import (
     compact_offsets,
     pack,
     reconstruct_compact,
+    reconstruct_compact_backward_sensitivity_,
     reconstruct_compact_sma_,
     unpack,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "pack",
     "reconstruct",
     "reconstruct_compact",
+    "reconstruct_compact_backward_sensitivity_",
     "reconstruct_compact_sma_",
     "reconstruct_sma_",
     "record_calls",

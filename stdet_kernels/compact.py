@@ -13,7 +13,14 @@ weight. The compact one keeps, per tensor:
 
 Same contract as `stdet_kernels.reconstruct`: float32 arithmetic, gradients to ``free_values`` and
 ``refs``, the same four backends.
+
+The backward can also update STDET's sensitivity estimate in the same pass over memory: given a
+``sensitivity`` (float32, one entry per FREE element, in free_values' order), the forward saves it and
+its backward runs `reconstruct_compact_backward_sensitivity_` instead of the plain backward.
 """
+
+import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -35,33 +42,38 @@ __all__ = [
     "compact_offsets",
     "pack",
     "reconstruct_compact",
+    "reconstruct_compact_backward_sensitivity_",
     "reconstruct_compact_sma_",
     "unpack",
 ]
+
+MEASURES = ("taylor", "fisher")
+# The sensitivity's defaults, those of STDETConfig: |g * v| with a running mean of decay 0.9 per step.
+DEFAULT_MEASURE = "taylor"
+DEFAULT_DECAY = 0.9
 
 _checked_layouts = CheckCache()
 
 
 def _check_args(
-    free_values: Tensor, code: Tensor, offsets: Tensor, a: Tensor, b: Tensor, refs: Tensor
+    free_values: Tensor, code: Tensor, offsets: Tensor, a: Tensor, b: Tensor | None, refs: Tensor
 ) -> None:
-    for name, t in (
-        ("free_values", free_values),
-        ("code", code),
-        ("offsets", offsets),
-        ("a", a),
-        ("b", b),
-        ("refs", refs),
-    ):
+    """The layout's checks; ``b=None`` for the backward, which has no b."""
+    named = [("free_values", free_values), ("code", code), ("offsets", offsets), ("a", a), ("refs", refs)]
+    if b is not None:
+        named.insert(4, ("b", b))
+    for name, t in named:
         _check_tensor(name, t)
     _check_dtype("free_values", free_values, FLOAT_DTYPES)
     _check_dtype("code", code, (torch.uint8,))
     _check_dtype("offsets", offsets, (torch.int32,))
     _check_dtype("a", a, FLOAT_DTYPES)
     _check_dtype("refs", refs, FLOAT_DTYPES)
-    if b.dtype != a.dtype:
+    if b is not None and b.dtype != a.dtype:
         raise TypeError(f"b: expected dtype {a.dtype} (the dtype of a), got {b.dtype}")
-    for name, t in (("free_values", free_values), ("offsets", offsets), ("a", a), ("b", b), ("refs", refs)):
+    for name, t in named:
+        if name == "code":
+            continue
         if t.dim() != 1:
             raise ValueError(f"{name}: expected a 1-D tensor, got {t.dim()}-D")
         if t.device != code.device:
@@ -71,7 +83,12 @@ def _check_args(
         raise ValueError(
             f"offsets: expected {blocks + 1} entries for {code.numel()} elements, got {offsets.numel()}"
         )
-    if free_values.numel() + a.numel() != code.numel() or b.numel() != a.numel():
+    if b is None and free_values.numel() + a.numel() != code.numel():
+        raise ValueError(
+            f"free_values, a: expected {code.numel()} elements between them, "
+            f"got {free_values.numel()}, {a.numel()}"
+        )
+    if b is not None and (free_values.numel() + a.numel() != code.numel() or b.numel() != a.numel()):
         raise ValueError(
             f"free_values, a, b: expected {code.numel()} elements between free_values and a "
             f"(and b as many as a), got {free_values.numel()}, {a.numel()}, {b.numel()}"
@@ -97,17 +114,59 @@ def _check_layout(code: Tensor, offsets: Tensor, free_count: int) -> None:
     _checked_layouts.remember(code, (offsets,), token=free_count)
 
 
+def _check_decay(decay: object) -> float:
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
+        raise TypeError(f"decay: expected a real number, got {type(decay).__name__}")
+    decay = float(decay)
+    if not math.isfinite(decay) or not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay: expected a number in [0, 1), got {decay}")
+    return decay
+
+
+def _check_sensitivity(sensitivity: object, free_values: Tensor, decay: object, measure: object) -> float:
+    """The sensitivity target: float32, one entry per FREE element, on free_values' device, not a
+    tensor autograd tracks (the backward writes it). Returns decay as a float."""
+    _check_tensor("sensitivity", sensitivity)
+    _check_dtype("sensitivity", sensitivity, (torch.float32,))
+    if sensitivity.dim() != 1 or sensitivity.numel() != free_values.numel():
+        raise ValueError(
+            f"sensitivity: expected a 1-D tensor of {free_values.numel()} elements (one per FREE "
+            f"element, like free_values), got shape {tuple(sensitivity.shape)}"
+        )
+    if sensitivity.device != free_values.device:
+        raise ValueError(
+            f"sensitivity: expected device {free_values.device} (the device of free_values), "
+            f"got {sensitivity.device}"
+        )
+    if sensitivity.requires_grad:
+        raise ValueError("sensitivity: expected a tensor that does not require grad (a buffer)")
+    if not isinstance(measure, str):
+        raise TypeError(f"measure: expected a str, got {type(measure).__name__}")
+    if measure not in MEASURES:
+        raise ValueError(f"measure: expected one of {MEASURES}, got {measure!r}")
+    return _check_decay(decay)
+
+
 @torch.library.custom_op("stdet::reconstruct_compact", mutates_args=())
 def _reconstruct_compact_op(
-    free_values: Tensor, code: Tensor, offsets: Tensor, a: Tensor, b: Tensor, refs: Tensor
+    free_values: Tensor,
+    code: Tensor,
+    offsets: Tensor,
+    a: Tensor,
+    b: Tensor,
+    refs: Tensor,
+    sensitivity: Tensor | None = None,
+    decay: float = DEFAULT_DECAY,
+    measure: str = DEFAULT_MEASURE,
 ) -> Tensor:
+    """The forward ignores ``sensitivity, decay, measure``: they are for its backward."""
     check_code_modes(code, refs.numel())
     _check_layout(code, offsets, free_values.numel())
     return run_kernel("reconstruct_compact", code.device, (free_values, code, offsets, a, b, refs))
 
 
 @_reconstruct_compact_op.register_fake
-def _(free_values, code, offsets, a, b, refs):
+def _(free_values, code, offsets, a, b, refs, sensitivity=None, decay=DEFAULT_DECAY, measure=DEFAULT_MEASURE):
     return free_values.new_empty(code.shape)
 
 
@@ -123,15 +182,67 @@ def _(grad, code, offsets, a, refs):
     return grad.new_empty(code.numel() - a.numel()), refs.new_empty(refs.shape)
 
 
+@torch.library.custom_op("stdet::reconstruct_compact_backward_sensitivity_", mutates_args=("sensitivity",))
+def _reconstruct_compact_backward_sensitivity_op(
+    grad: Tensor,
+    free_values: Tensor,
+    code: Tensor,
+    offsets: Tensor,
+    a: Tensor,
+    refs: Tensor,
+    sensitivity: Tensor,
+    decay: float,
+    measure: str,
+) -> tuple[Tensor, Tensor]:
+    check_code_modes(code, refs.numel())
+    _check_layout(code, offsets, free_values.numel())
+    tensors = (grad, free_values, code, offsets, a, refs)
+    fisher = measure == "fisher"
+    op = "reconstruct_compact_backward_sensitivity_"
+    return run_kernel(op, grad.device, tensors, sensitivity, decay, fisher)
+
+
+@_reconstruct_compact_backward_sensitivity_op.register_fake
+def _(grad, free_values, code, offsets, a, refs, sensitivity, decay, measure):
+    return grad.new_empty(code.numel() - a.numel()), refs.new_empty(refs.shape)
+
+
+def _compact_backward(grad: Tensor, free_values: Tensor | None, layout, sensitivity, decay, measure):
+    """(dL/dfree_values, dL/drefs), by the fused op when a sensitivity target was given."""
+    code, offsets, a, refs = layout
+    if sensitivity is None:
+        return _reconstruct_compact_backward_op(grad, code, offsets, a, refs)
+    return _reconstruct_compact_backward_sensitivity_op(
+        grad, free_values, code, offsets, a, refs, sensitivity, decay, measure
+    )
+
+
+def _save_for_backward(ctx, free_values, code, offsets, a, refs, sensitivity, decay, measure) -> None:
+    """free_values is saved only for the sensitivity's score. The sensitivity itself is kept on ctx, not
+    saved: it is running state that each backward writes, so autograd's check that a saved tensor is
+    unchanged would refuse two forwards before one backward."""
+    if sensitivity is None:
+        ctx.save_for_backward(code, offsets, a, refs)
+    else:
+        ctx.save_for_backward(code, offsets, a, refs, free_values)
+    ctx.sensitivity, ctx.decay, ctx.measure = sensitivity, decay, measure
+
+
+def _saved_backward(ctx, grad: Tensor):
+    code, offsets, a, refs, *free_values = ctx.saved_tensors
+    layout = (code, offsets, a, refs)
+    free_values = free_values[0] if free_values else None
+    return _compact_backward(grad, free_values, layout, ctx.sensitivity, ctx.decay, ctx.measure)
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    _, code, offsets, a, _, refs = inputs
-    ctx.save_for_backward(code, offsets, a, refs)
+    free_values, code, offsets, a, _, refs, sensitivity, decay, measure = inputs
+    _save_for_backward(ctx, free_values, code, offsets, a, refs, sensitivity, decay, measure)
 
 
 def _backward(ctx, grad: Tensor):
-    code, offsets, a, refs = ctx.saved_tensors
-    grad_free, grad_refs = _reconstruct_compact_backward_op(grad, code, offsets, a, refs)
-    return grad_free, None, None, None, None, grad_refs
+    grad_free, grad_refs = _saved_backward(ctx, grad)
+    return grad_free, None, None, None, None, grad_refs, None, None, None
 
 
 _reconstruct_compact_op.register_autograd(_backward, setup_context=_setup_context)
@@ -163,24 +274,40 @@ class _ReconstructCompactSMA(torch.autograd.Function):
     """Autograd of the fused op (torch.library registers autograd only for functional ops)."""
 
     @staticmethod
-    def forward(ctx, free_values, code, offsets, a, b, refs, sma, alpha):
-        ctx.save_for_backward(code, offsets, a, refs)
+    def forward(ctx, free_values, code, offsets, a, b, refs, sma, alpha, sensitivity, decay, measure):
+        _save_for_backward(ctx, free_values, code, offsets, a, refs, sensitivity, decay, measure)
         return _reconstruct_compact_sma_op(free_values, code, offsets, a, b, refs, sma, alpha)
 
     @staticmethod
     def backward(ctx, grad):
-        code, offsets, a, refs = ctx.saved_tensors
-        grad_free, grad_refs = _reconstruct_compact_backward_op(grad, code, offsets, a, refs)
-        return grad_free, None, None, None, None, grad_refs, None, None
+        grad_free, grad_refs = _saved_backward(ctx, grad)
+        return grad_free, None, None, None, None, grad_refs, None, None, None, None, None
 
 
 def reconstruct_compact(
-    free_values: Tensor, code: Tensor, offsets: Tensor, a: Tensor, b: Tensor, refs: Tensor
+    free_values: Tensor,
+    code: Tensor,
+    offsets: Tensor,
+    a: Tensor,
+    b: Tensor,
+    refs: Tensor,
+    *,
+    sensitivity: Tensor | None = None,
+    decay: float = DEFAULT_DECAY,
+    measure: str = DEFAULT_MEASURE,
 ) -> Tensor:
     """The weight (code's shape, free_values' dtype) from the compact layout; differentiable with
-    respect to ``free_values`` and ``refs``."""
+    respect to ``free_values`` and ``refs``.
+
+    With ``sensitivity`` (float32, one entry per FREE element), the backward also updates it in place,
+    in the same pass: ``sensitivity = decay * sensitivity + (1 - decay) * score``, score ``|g * v|``
+    (measure "taylor") or ``g * g`` ("fisher"); see `reconstruct_compact_backward_sensitivity_`.
+    """
     _check_args(free_values, code, offsets, a, b, refs)
-    return _reconstruct_compact_op(free_values, code, offsets, a, b, refs)
+    if sensitivity is None:
+        return _reconstruct_compact_op(free_values, code, offsets, a, b, refs)
+    decay = _check_sensitivity(sensitivity, free_values, decay, measure)
+    return _reconstruct_compact_op(free_values, code, offsets, a, b, refs, sensitivity, decay, measure)
 
 
 def reconstruct_compact_sma_(
@@ -192,9 +319,13 @@ def reconstruct_compact_sma_(
     refs: Tensor,
     sma: Tensor,
     alpha: float,
+    *,
+    sensitivity: Tensor | None = None,
+    decay: float = DEFAULT_DECAY,
+    measure: str = DEFAULT_MEASURE,
 ) -> Tensor:
     """`reconstruct_compact`, and ``sma += alpha * (w - sma)`` in the same pass; ``sma`` is dense
-    (code's shape, free_values' dtype)."""
+    (code's shape, free_values' dtype). ``sensitivity, decay, measure`` as in `reconstruct_compact`."""
     _check_args(free_values, code, offsets, a, b, refs)
     _check_tensor("sma", sma)
     if sma.shape != code.shape or sma.dtype != free_values.dtype or sma.device != code.device:
@@ -203,6 +334,46 @@ def reconstruct_compact_sma_(
             f"got {tuple(sma.shape)}, {sma.dtype}, {sma.device}"
         )
     alpha = _check_alpha(alpha)
+    if sensitivity is not None:
+        decay = _check_sensitivity(sensitivity, free_values, decay, measure)
     if torch.is_grad_enabled() and (free_values.requires_grad or refs.requires_grad):
-        return _ReconstructCompactSMA.apply(free_values, code, offsets, a, b, refs, sma, alpha)
+        return _ReconstructCompactSMA.apply(
+            free_values, code, offsets, a, b, refs, sma, alpha, sensitivity, decay, measure
+        )
     return _reconstruct_compact_sma_op(free_values, code, offsets, a, b, refs, sma, alpha)
+
+
+def reconstruct_compact_backward_sensitivity_(
+    grad: Tensor,
+    free_values: Tensor,
+    code: Tensor,
+    offsets: Tensor,
+    a: Tensor,
+    refs: Tensor,
+    sensitivity: Tensor,
+    decay: float,
+    measure: str = DEFAULT_MEASURE,
+) -> tuple[Tensor, Tensor]:
+    """The backward of `reconstruct_compact`, ``(dL/dfree_values, dL/drefs)`` from ``grad = dL/dw``, and
+    in the same pass over memory STDET's sensitivity at each FREE element, in place:
+    ``sensitivity = decay * sensitivity + (1 - decay) * score``, where score is ``|g * v|`` (measure
+    "taylor", first-order saliency) or ``g * g`` ("fisher"), g the element's gradient and v its value.
+
+    grad has code's shape and free_values' dtype; sensitivity is float32 with one entry per FREE
+    element (free_values' order); decay is in [0, 1). Arithmetic is float32.
+    """
+    _check_args(free_values, code, offsets, a, None, refs)
+    _check_tensor("grad", grad)
+    if grad.dtype != free_values.dtype:
+        raise TypeError(
+            f"grad: expected dtype {free_values.dtype} (the dtype of free_values), got {grad.dtype}"
+        )
+    if grad.shape != code.shape or grad.device != code.device:
+        raise ValueError(
+            f"grad: expected shape {tuple(code.shape)} and device {code.device} (those of code), "
+            f"got {tuple(grad.shape)}, {grad.device}"
+        )
+    decay = _check_sensitivity(sensitivity, free_values, decay, measure)
+    return _reconstruct_compact_backward_sensitivity_op(
+        grad, free_values, code, offsets, a, refs, sensitivity, decay, measure
+    )

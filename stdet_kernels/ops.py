@@ -135,18 +135,19 @@ def check_code_modes(code: Tensor, num_modes: int) -> None:
 
 
 def run_kernel(
-    op: str, device: torch.device, tensors: tuple[Tensor, ...], sma: Tensor | None = None, alpha: float = 0.0
+    op: str, device: torch.device, tensors: tuple[Tensor, ...], updated: Tensor | None = None, *scalars
 ):
-    """Run backend kernel `op` on contiguous `tensors` (then ``sma, alpha`` for a fused op); an `sma`
-    that had to be copied to be contiguous is written back."""
+    """Run backend kernel `op` on contiguous `tensors`, then (for an op that writes a tensor in
+    place: the SMA average, the sensitivity) ``updated`` and the op's `scalars`; an `updated` that had
+    to be copied to be contiguous is written back."""
     kernel = select(device, op)
     contiguous = tuple(t.contiguous() for t in tensors)
-    if sma is None:
-        return kernel(*contiguous)
-    sma_contiguous = sma.contiguous()
-    result = kernel(*contiguous, sma_contiguous, alpha)
-    if sma_contiguous is not sma:
-        sma.copy_(sma_contiguous)
+    if updated is None:
+        return kernel(*contiguous, *scalars)
+    updated_contiguous = updated.contiguous()
+    result = kernel(*contiguous, updated_contiguous, *scalars)
+    if updated_contiguous is not updated:
+        updated.copy_(updated_contiguous)
     return result
 
 

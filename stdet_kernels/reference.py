@@ -177,3 +177,30 @@ def reconstruct_compact_backward(
     dense_a[~free] = a
     grad_value, grad_refs = reconstruct_backward(grad, code, dense_a.view(code.shape), refs)
     return grad_value.reshape(-1)[free], grad_refs
+
+
+def reconstruct_compact_backward_sensitivity_(
+    grad: torch.Tensor,
+    free_values: torch.Tensor,
+    code: torch.Tensor,
+    offsets: torch.Tensor,
+    a: torch.Tensor,
+    refs: torch.Tensor,
+    sensitivity: torch.Tensor,
+    decay: float,
+    fisher: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reconstruct_compact_backward`, and the sensitivity's running mean at the FREE elements, in
+    place: ``sensitivity = decay * sensitivity + (1 - decay) * score`` with score ``|g * v|`` (or
+    ``g * g`` when `fisher`), g the upstream gradient and v the value of each FREE element.
+
+    float32 arithmetic, each operation rounded as written (no fused multiply-add), from decay and
+    1 - decay each rounded once to float32 (1 - decay computed in double).
+    """
+    grad_free, grad_refs = reconstruct_compact_backward(grad, code, offsets, a, refs)
+    g = grad.reshape(-1)[code.reshape(-1) == FREE].float()
+    score = g * g if fisher else (g * free_values.float()).abs()
+    keep = torch.tensor(decay, dtype=torch.float32, device=sensitivity.device)
+    complement = torch.tensor(1.0 - decay, dtype=torch.float32, device=sensitivity.device)
+    sensitivity.copy_(keep * sensitivity + complement * score)
+    return grad_free, grad_refs

@@ -292,11 +292,20 @@ def _reconstruct_compact_bwd_kernel(
     a_ptr,
     grad_free_ptr,
     partials_ptr,
+    free_ptr,
+    sensitivity_ptr,
+    decay,
+    complement,
     n,
     num_modes,
     BLOCK: tl.constexpr,
     MODES_PAD: tl.constexpr,
+    WITH_SENSITIVITY: tl.constexpr,
+    FISHER: tl.constexpr,
 ):
+    """The compact backward; with WITH_SENSITIVITY, also the sensitivity's running mean at the FREE
+    elements: decay * s + (1 - decay) * score, score = g^2 (FISHER) or |g * v|; ``complement`` is
+    1 - decay, computed by the launcher in double and rounded once, as every backend does."""
     block = tl.program_id(0)
     local = tl.arange(0, BLOCK)
     offsets = block.to(tl.int64) * BLOCK + local
@@ -307,6 +316,15 @@ def _reconstruct_compact_bwd_kernel(
     tl.store(
         grad_free_ptr + free_slot, _to_storage(grad, grad_free_ptr.dtype.element_ty), mask=mask & is_free
     )
+    if WITH_SENSITIVITY:
+        if FISHER:
+            score = grad * grad
+        else:
+            value = tl.load(free_ptr + free_slot, mask=mask & is_free, other=0.0).to(tl.float32)
+            score = tl.abs(grad * value)
+        mean = tl.load(sensitivity_ptr + free_slot, mask=mask & is_free, other=0.0)
+        mean = decay * mean + complement * score
+        tl.store(sensitivity_ptr + free_slot, mean, mask=mask & is_free)
     a = tl.load(a_ptr + embedded_slot, mask=mask & (code != FREE), other=0.0).to(tl.float32)
     contribution = tl.where(mask & (code < DUMMY), a * grad, 0.0)
     modes = tl.arange(0, MODES_PAD)
@@ -352,23 +370,48 @@ def reconstruct_compact_sma_(free_values, code, offsets, a, b, refs, sma, alpha)
     return _launch_compact_forward(free_values, code, offsets, a, b, refs, sma, alpha, with_average=True)
 
 
-def reconstruct_compact_backward(grad, code, offsets, a, refs) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_compact_backward(
+    grad, code, offsets, a, refs, free_values, sensitivity, decay, fisher, with_sensitivity
+) -> tuple[torch.Tensor, torch.Tensor]:
     n = code.numel()
     num_modes = refs.numel()
     grad_free = torch.empty(n - a.numel(), dtype=grad.dtype, device=grad.device)
     blocks = offsets.numel() - 1
     partials = torch.zeros((blocks, max(num_modes, 1)), dtype=torch.float32, device=grad.device)
     if n > 0:
+        # Tensors with no element still need a valid pointer.
+        placeholder = torch.zeros(1, dtype=grad.dtype, device=grad.device)
+        grad_free_or_placeholder = grad_free if grad_free.numel() else placeholder
         _reconstruct_compact_bwd_kernel[(blocks,)](
             grad,
             code,
             offsets,
             a if a.numel() else torch.zeros(1, dtype=a.dtype, device=grad.device),
-            grad_free if grad_free.numel() else torch.zeros(1, dtype=grad.dtype, device=grad.device),
+            grad_free_or_placeholder,
             partials,
+            free_values if with_sensitivity and free_values.numel() else grad_free_or_placeholder,
+            sensitivity if with_sensitivity and sensitivity.numel() else partials,
+            float(decay),
+            1.0 - float(decay),
             n,
             num_modes,
             BLOCK=COMPACT_BLOCK,
             MODES_PAD=triton.next_power_of_2(max(num_modes, 1)),
+            WITH_SENSITIVITY=with_sensitivity,
+            FISHER=bool(fisher),
         )
     return grad_free, partials[:, :num_modes].sum(dim=0).to(refs.dtype)
+
+
+def reconstruct_compact_backward(grad, code, offsets, a, refs) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_compact_backward(
+        grad, code, offsets, a, refs, None, None, 0.0, False, with_sensitivity=False
+    )
+
+
+def reconstruct_compact_backward_sensitivity_(
+    grad, free_values, code, offsets, a, refs, sensitivity, decay, fisher
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_compact_backward(
+        grad, code, offsets, a, refs, free_values, sensitivity, decay, fisher, with_sensitivity=True
+    )
