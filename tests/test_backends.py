@@ -34,7 +34,13 @@ def test_cuda_extension_was_compiled_and_links() -> None:
     from stdet_kernels import _C_cuda
 
     ops = ("reconstruct", "reconstruct_sma_", "reconstruct_backward", "lerp_")
-    for name in (*ops, "reconstruct_compact", "reconstruct_compact_sma_", "reconstruct_compact_backward"):
+    compact = (
+        "reconstruct_compact",
+        "reconstruct_compact_sma_",
+        "reconstruct_compact_backward",
+        "reconstruct_compact_backward_sensitivity_",
+    )
+    for name in (*ops, *compact):
         assert callable(getattr(_C_cuda, name))
 
 
