@@ -1,10 +1,13 @@
-"""Microbenchmarks of the ops (pytest-benchmark): reconstruct forward, backward and reconstruct_sma_.
+"""Microbenchmarks of the ops (pytest-benchmark): reconstruct forward, backward, reconstruct_sma_, and
+the compact layout's backward fused with the sensitivity update (compact_backward_sensitivity_).
 
 Providers: ``cpp`` (the C++ backend through the public API), ``torch`` (the eager reference),
 ``torch_compile`` (torch.compile of the reference) and ``copy`` (``dst.copy_(src)`` moving the same
-number of bytes: the memory-bandwidth ceiling, measured in the same run). Inputs: float32, 10 modes,
-50% FREE, the rest embedded. Bytes are each op's minimum traffic: every input read once, every output
-written once. Run through ``make bench`` (bench/run_bench.py), which also writes the table.
+number of bytes: the memory-bandwidth ceiling, measured in the same run); for the fused backward also
+``cpp_unfused`` (the C++ compact backward, then the sensitivity updated by eager PyTorch: what it
+replaces). Inputs: float32, 10 modes, 50% FREE, the rest embedded. Bytes are each op's minimum
+traffic: every input read once, every output written once. Run through ``make bench``
+(bench/run_bench.py), which also writes the table.
 """
 
 import os
@@ -17,13 +20,16 @@ import stdet_kernels
 from stdet_kernels import FREE, reference
 
 SIZES = (10**5, 10**6, 10**7)
-OPS = ("forward", "backward", "reconstruct_sma_")
-PROVIDERS = ("cpp", "torch", "torch_compile", "copy")
+OPS = ("forward", "backward", "reconstruct_sma_", "compact_backward_sensitivity_")
+PROVIDERS = ("cpp", "cpp_unfused", "torch", "torch_compile", "copy")
 # float32 value/a/b/grad/sma/w are 4 bytes, code is 1.
 BYTES_PER_ELEMENT = {
     "forward": 4 * 3 + 1 + 4,  # read value, code, a, b; write w
     "backward": 4 + 1 + 4 + 4,  # read grad, code, a; write dL/dvalue (dL/drefs is 40 bytes)
     "reconstruct_sma_": 4 * 4 + 1 + 4 * 2,  # read value, code, a, b, sma; write w, sma
+    # read grad, code, a (half the elements), free_values and sensitivity (the other half); write
+    # dL/dfree_values and sensitivity (the FREE half)
+    "compact_backward_sensitivity_": 4 + 1 + (4 + 4 + 4 + 4 + 4) // 2,
 }
 ROUNDS = {10**5: 200, 10**6: 40, 10**7: 20}
 NUM_MODES = 10
@@ -45,6 +51,20 @@ def _inputs(n: int) -> dict[str, torch.Tensor]:
     }
 
 
+def _compact(x: dict[str, torch.Tensor]) -> tuple:
+    """(grad, free_values, code, offsets, a, refs, sensitivity) of the compact layout of x."""
+    free_values, offsets, a, _ = stdet_kernels.pack(x["value"], x["code"], x["a"], x["b"])
+    sensitivity = torch.rand(free_values.numel(), generator=torch.Generator().manual_seed(1))
+    return x["grad"], free_values, x["code"], offsets, a, x["refs"], sensitivity
+
+
+def _unfused_backward_sensitivity(grad, free_values, code, offsets, a, refs, sensitivity, decay):
+    """The C++ compact backward, then the sensitivity's update in eager PyTorch (three more passes)."""
+    grad_free, grad_refs = torch.ops.stdet.reconstruct_compact_backward(grad, code, offsets, a, refs)
+    sensitivity.mul_(decay).add_((grad_free * free_values).abs_(), alpha=1.0 - decay)
+    return grad_free, grad_refs
+
+
 def _compiled_reference(name: str):
     if name not in _compiled:
         _compiled[name] = torch.compile(getattr(reference, name), dynamic=False)
@@ -58,6 +78,17 @@ def _operation(op: str, provider: str, x: dict[str, torch.Tensor]):
         source = torch.empty(x["value"].numel() * BYTES_PER_ELEMENT[op] // 2, dtype=torch.uint8)
         target = torch.empty_like(source)
         return lambda: target.copy_(source)
+    if op == "compact_backward_sensitivity_":
+        compact = _compact(x)
+        if provider == "cpp":
+            return lambda: stdet_kernels.reconstruct_compact_backward_sensitivity_(*compact, 0.9, "taylor")
+        if provider == "cpp_unfused":
+            return lambda: _unfused_backward_sensitivity(*compact, 0.9)
+        name = "reconstruct_compact_backward_sensitivity_"
+        function = getattr(reference, name) if provider == "torch" else _compiled_reference(name)
+        return lambda: function(*compact, 0.9, False)
+    if provider == "cpp_unfused":
+        pytest.skip("cpp_unfused: only for compact_backward_sensitivity_")
     if provider == "cpp":
         if op == "forward":
             return lambda: stdet_kernels.reconstruct(*args)
