@@ -350,35 +350,71 @@ struct SensitivityUpdate {
 
 // (dL/dfree_values, dL/drefs) and, when kWithSensitivity, the sensitivity's update; the refs
 // gradient in fixed chunks of kReduceChunk elements, as in the dense backward.
+//
+// A block all FREE is a copy, a block with none FREE a loop over contiguous coefficients. A mixed
+// block is branch-free: a FREE-or-embedded branch per element mispredicts about half the time on a
+// mixed layout and costs more than the arithmetic. There every element writes its gradient into a
+// block-local buffer at the block's FREE count so far (the next FREE element overwrites a non-FREE
+// one's) and reads its would-be coefficient (clamped to the last one; a non-embedded element adds 0
+// to an entry that is not a mode). Then one contiguous loop over the block's FREE slots stores the
+// gradients and updates the sensitivity. The per-code sums rotate over kLanes tables by element
+// index, so a run of one mode is kLanes independent chains of additions, not one; each mode sums the
+// same terms in the same order on every path, and the tables are added in a fixed order.
 template <typename value_t, typename coef_t, bool kWithSensitivity>
 void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __restrict__ code,
                              const int32_t* __restrict__ offsets, const coef_t* __restrict__ a,
-                             value_t* __restrict__ grad_free, float* __restrict__ partial,
-                             const SensitivityUpdate<value_t>& update, int64_t num_modes,
-                             int64_t n, int64_t block_begin, int64_t block_end) {
-  std::array<float, stdet::kTableSize> by_code{};
+                             int64_t last_embedded, value_t* __restrict__ grad_free,
+                             float* __restrict__ partial, const SensitivityUpdate<value_t>& update,
+                             int64_t num_modes, int64_t n, int64_t block_begin,
+                             int64_t block_end) {
+  constexpr int64_t kLanes = 4;
+  std::array<std::array<float, stdet::kTableSize>, kLanes> by_code{};
+  std::array<float, kCompactBlock> block_grad;
   for (int64_t block = block_begin; block < block_end; ++block) {
-    int64_t free_slot = offsets[block];
-    int64_t embedded_slot = block * kCompactBlock - free_slot;
-    const int64_t end = std::min(n, (block + 1) * kCompactBlock);
-    for (int64_t i = block * kCompactBlock; i < end; ++i) {
-      const uint8_t c = code[i];
-      const float g = static_cast<float>(grad[i]);
-      if (c == stdet::kFree) {
-        grad_free[free_slot] = static_cast<value_t>(g);
-        if constexpr (kWithSensitivity) {
-          const float score = stdet::sensitivity_score(
-              g, static_cast<float>(update.free_values[free_slot]), update.fisher);
-          update.sensitivity[free_slot] = stdet::running_mean(
-              update.sensitivity[free_slot], score, update.decay, update.complement);
-        }
-        ++free_slot;
-      } else {
-        by_code[c] += stdet::ref_grad_contribution(c, static_cast<float>(a[embedded_slot++]), g);
+    const int64_t free_begin = offsets[block];
+    const int64_t block_free = offsets[block + 1] - free_begin;
+    const int64_t begin = block * kCompactBlock;
+    const int64_t end = std::min(n, begin + kCompactBlock);
+    int64_t embedded_slot = begin - free_begin;
+    if (block_free == end - begin) {
+#pragma omp simd
+      for (int64_t k = 0; k < block_free; ++k) block_grad[k] = static_cast<float>(grad[begin + k]);
+    } else if (block_free == 0) {
+      for (int64_t i = begin; i < end; ++i) {
+        const uint8_t c = code[i];
+        by_code[i % kLanes][c] += stdet::ref_grad_contribution(
+            c, static_cast<float>(a[embedded_slot++]), static_cast<float>(grad[i]));
+      }
+    } else {
+      int64_t free_so_far = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        const uint8_t c = code[i];
+        const bool is_free = c == stdet::kFree;
+        const float g = static_cast<float>(grad[i]);
+        block_grad[free_so_far] = g;
+        const float a_i = static_cast<float>(a[std::min(embedded_slot, last_embedded)]);
+        by_code[i % kLanes][c] += stdet::ref_grad_contribution(c, a_i, g);
+        free_so_far += is_free;
+        embedded_slot += !is_free;
+      }
+    }
+    value_t* __restrict__ block_grad_free = grad_free + free_begin;
+#pragma omp simd
+    for (int64_t k = 0; k < block_free; ++k) {
+      const float g = block_grad[k];
+      block_grad_free[k] = static_cast<value_t>(g);
+      if constexpr (kWithSensitivity) {
+        const int64_t slot = free_begin + k;
+        const float score = stdet::sensitivity_score(
+            g, static_cast<float>(update.free_values[slot]), update.fisher);
+        update.sensitivity[slot] =
+            stdet::running_mean(update.sensitivity[slot], score, update.decay, update.complement);
       }
     }
   }
-  std::copy(by_code.begin(), by_code.begin() + num_modes, partial);
+  for (int64_t m = 0; m < num_modes; ++m) {
+    partial[m] = (by_code[0][m] + by_code[1][m]) + (by_code[2][m] + by_code[3][m]);
+  }
 }
 
 template <bool kWithSensitivity>
@@ -417,6 +453,9 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
       const int32_t* offsets_ptr = offsets.data_ptr<int32_t>();
       const coef_t* a_ptr = a.data_ptr<coef_t>();
       value_t* grad_free_ptr = grad_free.data_ptr<value_t>();
+      // The clamped read of a needs one valid element: a zero stands in for an empty a.
+      const coef_t no_coefficient = static_cast<coef_t>(0.0f);
+      if (a.numel() == 0) a_ptr = &no_coefficient;
       SensitivityUpdate<value_t> update{nullptr, nullptr, static_cast<float>(decay),
                                         static_cast<float>(1.0 - decay), fisher};
       if constexpr (kWithSensitivity) {
@@ -426,8 +465,8 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
       at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
         for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
           compact_backward_blocks<value_t, coef_t, kWithSensitivity>(
-              grad_ptr, code_ptr, offsets_ptr, a_ptr, grad_free_ptr,
-              partials.data() + chunk * num_modes, update, num_modes, n,
+              grad_ptr, code_ptr, offsets_ptr, a_ptr, std::max<int64_t>(a.numel() - 1, 0),
+              grad_free_ptr, partials.data() + chunk * num_modes, update, num_modes, n,
               chunk * kBlocksPerChunk, std::min(blocks, (chunk + 1) * kBlocksPerChunk));
         }
       });
