@@ -17,7 +17,7 @@ from matplotlib import cbook
 from PIL import Image
 
 import stdet
-from stdet.parametrize import embeddable_parameters, parametrized_tensors
+from stdet.parametrize import embeddable_parameters
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,21 +70,18 @@ def accounting(model, optimizer, st: stdet.STDET | None) -> dict[str, float]:
             parts["optimizer state"] += state_bytes(optimizer, param)
     else:
         elements = st.elements
-        for name, embedded in parametrized_tensors(model).items():
-            value = st._value(name)
-            parts["values"] += nbytes(value)
-            parts["gradients"] += nbytes(value)
-            parts["optimizer state"] += state_bytes(optimizer, value)
-            parts["codes"] += nbytes(embedded.code) + nbytes(embedded.offsets)
-            parts["coefficients"] += nbytes(embedded.a) + nbytes(embedded.b)
-        parts["values"] += nbytes(st.refs)
-        parts["gradients"] += nbytes(st.refs)
-        parts["optimizer state"] += state_bytes(optimizer, st.refs)
+        layout = st.layout
+        for tensor in (layout.free_values, layout.refs):
+            parts["values"] += nbytes(tensor)
+            parts["gradients"] += nbytes(tensor)
+            parts["optimizer state"] += state_bytes(optimizer, tensor)
+        parts["codes"] += nbytes(layout.code) + nbytes(layout.offsets)
+        parts["coefficients"] += nbytes(layout.a) + nbytes(layout.b)
     result = {name: size / elements for name, size in parts.items()}
     result["total"] = sum(result.values())
     if st is not None:
         schedule = nbytes(st.mode) + sum(nbytes(getattr(st.refit, n)) for n in st.refit.PER_ELEMENT)
-        schedule += sum(nbytes(s) for s in st.sensitivity.values())
+        schedule += nbytes(st.layout.sensitivity)
         result["schedule statistics (not counted above)"] = schedule / elements
         result["embedded fraction"] = st.embedded_fraction()
     return result

@@ -1,143 +1,149 @@
-"""What one training step costs: plain training against STDET right after attaching (all FREE), at 50%
-and at 80% embedded, each without and with SMA, for bmshj2018-factorized and mbt2018-mean.
+"""What one training step costs: plain training against STDET all FREE (right after attaching) and at
+50%, 80% and 90% embedded, on two model sizes, timed phase by phase with the cases interleaved.
 
-A step is what `stdet train` does: zero the gradients, forward, the RD loss, backward, Adam on the
-network, the aux loss and its Adam, then `STDET.step()` (or `SMA.step()`). Times come from
-pytest-benchmark (median of the rounds); SMA samples every step here (an upper bound: at its default
-of every 10 steps its cost is a tenth). Embedding rounds are not in the timed steps (one every
-`embed_every` steps; the schedule's least-squares refit runs every 50 steps as with the default
-warm-up, and is in them in proportion). Peak memory is each case's process-wide peak RSS, measured
-in a process of its own.
+A step is what `stdet train` does: zero the gradients, forward and RD loss, backward, Adam on the
+network and the aux loss with its Adam, then `STDET.step(loss)`. On this shared machine timings drift
+by 10-30% over minutes, so the cases run in one process, one step of each in turn (A B C A B C ...),
+and each case's mean is over whole periods of the schedule's refit (every `REFIT_INTERVAL` steps,
+the only periodic work in `STDET.step` between rounds; no embedding round runs while timing). Also
+counted: the stdet op launches of one step (`stdet_kernels.record_calls`).
 
-    python -m pytest bench/bench_step.py --benchmark-json=bench/results/step.json
-    python bench/bench_step.py --report     # bench/results/step.md (also measures peak RSS per case)
+    python bench/bench_step.py            # bench/results/step.md and step.json
+    python bench/bench_step.py --quick    # a few steps, to check the script
 """
 
 import argparse
 import json
 import math
-import subprocess
-import sys
+import platform
+import time
 from pathlib import Path
 
-import pytest
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = {"bmshj2018-factorized": (128, 192), "mbt2018-mean": (128, 192)}
-BATCH, SIZE = 2, 128
-STATES = {"plain": None, "all FREE": 0.0, "50% embedded": 0.5, "80% embedded": 0.8}
-REFIT_INTERVAL = 50  # the default warm-up's snapshot interval (1000 / 20)
+# model -> ((N, M), batch): the small factorized model and mbt2018-mean at its zoo size
+MODELS = {"bmshj2018-factorized": ((64, 96), 4), "mbt2018-mean": ((128, 192), 2)}
+SIZE = 128
+STATES = {"plain": None, "all FREE": 0.0, "50% embedded": 0.5, "80% embedded": 0.8, "90% embedded": 0.9}
+REFIT_INTERVAL = 10
+PHASES = ("forward", "backward", "optimizer", "stdet")
 
 
-def build(arch: str, state: str, sma: bool):
-    """(one training step as a function, facts about the trained state)."""
-    import stdet
-    from stdet.data import RandomCrops, bundled_images
-    from stdet.train import build_model
+class Case:
+    """One model in one state, with its optimizers and (but for plain) its STDET."""
 
-    torch.manual_seed(0)
-    model = build_model(arch, *MODELS[arch])
-    net = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
-    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
-    optimizer = torch.optim.Adam(net, lr=1e-4)
-    aux_optimizer = torch.optim.Adam(aux, lr=1e-3)
-    x = RandomCrops(bundled_images("train"), SIZE, seed=0).batch(0, BATCH)
-    target = STATES[state]
-    st = averager = None
-    if target is not None:
-        config = stdet.STDETConfig(
-            warmup_steps=2, snapshots=2, embed_every=1 if target > 0 else 10**9, embed_rate=1.0,
-            max_embedded=max(target, 1e-9), protect=0.0, min_r2=0.0, max_drift=1e9, safety_window=1,
-            sma_every=1 if sma else 0,
-        )  # fmt: skip
-        st = stdet.STDET(model, optimizer, config)
-    elif sma:
-        averager = stdet.SMA(model, every=1)
+    def __init__(self, arch: str, state: str) -> None:
+        import stdet
+        from stdet.data import RandomCrops, bundled_images
+        from stdet.train import build_model
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        aux_optimizer.zero_grad(set_to_none=True)
+        (n, m), batch = MODELS[arch]
+        torch.manual_seed(0)
+        self.model = build_model(arch, n, m)
+        net = [p for name, p in self.model.named_parameters() if not name.endswith(".quantiles")]
+        aux = [p for name, p in self.model.named_parameters() if name.endswith(".quantiles")]
+        self.optimizer = torch.optim.Adam(net, lr=1e-4)
+        self.aux_optimizer = torch.optim.Adam(aux, lr=1e-3)
+        self.x = RandomCrops(bundled_images("train"), SIZE, seed=0).batch(0, batch)
+        self.st = None
+        target = STATES[state]
+        if target is not None:
+            config = stdet.STDETConfig(
+                warmup_steps=2, snapshots=2, embed_every=1 if target > 0 else 10**9, embed_rate=1.0,
+                max_embedded=max(target, 1e-9), protect=0.0, min_r2=0.0, max_drift=1e9, safety_window=1,
+            )  # fmt: skip
+            self.st = stdet.STDET(self.model, self.optimizer, config)
+        for _ in range(4):  # warm-up, fit, attach and (50% and up) the round that embeds the target
+            self.step({})
+        if self.st is not None:
+            self.st.config.embed_every = 10**9
+            self.st.snapshot_interval = REFIT_INTERVAL
+            self.st.step_count = 0  # refits at steps 10, 20, ... of the timed steps
+        self.embedded = 0.0 if self.st is None else self.st.embedded_fraction()
+        self.trainable = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
+        self.times = {phase: [] for phase in PHASES}
+
+    def step(self, times: dict) -> None:
+        model, x = self.model, self.x
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.aux_optimizer.zero_grad(set_to_none=True)
         out = model(x)
-        bpp = sum(torch.log(p).sum() for p in out["likelihoods"].values()) / (
-            -math.log(2) * BATCH * SIZE * SIZE
-        )
+        bpp = sum(torch.log(p).sum() for p in out["likelihoods"].values()) / (-math.log(2) * x.numel() / 3)
         loss = 0.01 * 255**2 * torch.nn.functional.mse_loss(out["x_hat"], x) + bpp
+        forward = time.perf_counter()
         loss.backward()
-        optimizer.step()
+        backward = time.perf_counter()
+        self.optimizer.step()
         model.aux_loss().backward()
-        aux_optimizer.step()
-        if st is not None:
-            st.step()
-        elif averager is not None:
-            averager.step()
-
-    for _ in range(4):  # warm-up, fit, attach and (for 50/80%) the one round that embeds the target
-        step()
-    if st is not None:
-        st.config.embed_every = 10**9
-        st.snapshot_interval = REFIT_INTERVAL
-    state_bytes = sum(
-        t.nbytes for entry in optimizer.state.values() for t in entry.values() if isinstance(t, torch.Tensor)
-    )
-    facts = {
-        "embedded_fraction": 0.0 if st is None else st.embedded_fraction(),
-        "optimizer_state_bytes": state_bytes,
-        "trainable_elements": sum(p.numel() for group in optimizer.param_groups for p in group["params"]),
-    }
-    return step, facts
+        self.aux_optimizer.step()
+        optimizer = time.perf_counter()
+        if self.st is not None:
+            self.st.step(loss)
+        end = time.perf_counter()
+        for phase, seconds in zip(
+            PHASES, (forward - start, backward - forward, optimizer - backward, end - optimizer), strict=True
+        ):
+            times.setdefault(phase, []).append(seconds)
 
 
-CASES = [(arch, state, sma) for arch in MODELS for state in STATES for sma in (False, True)]
+def launches(case: Case) -> int:
+    """stdet op calls in one training step of `case`."""
+    import stdet_kernels
+
+    with stdet_kernels.record_calls() as calls:
+        case.step({})
+    return len(calls)
 
 
-@pytest.mark.parametrize(
-    ("arch", "state", "sma"), CASES, ids=[f"{a}-{s}-{'sma' if m else 'no_sma'}" for a, s, m in CASES]
-)
-def test_step(benchmark, arch: str, state: str, sma: bool) -> None:
+def measure(steps: int) -> dict:
     torch.set_num_threads(2)
-    step, facts = build(arch, state, sma)
-    benchmark.extra_info.update(facts, arch=arch, state=state, sma=sma)
-    benchmark.pedantic(step, rounds=12, warmup_rounds=2)
-    if STATES[state]:
-        assert facts["embedded_fraction"] == pytest.approx(STATES[state], abs=0.01)
+    results = {}
+    for arch in MODELS:
+        cases = {state: Case(arch, state) for state in STATES}
+        for _ in range(steps):  # interleaved: one step of each case in turn
+            for case in cases.values():
+                case.step(case.times)
+        for state, case in cases.items():
+            means = {phase: sum(t) / len(t) * 1e3 for phase, t in case.times.items()}
+            results[(arch, state)] = {
+                **means,
+                "total": sum(means.values()),
+                "embedded": case.embedded,
+                "trainable": case.trainable,
+                "launches": launches(case),
+                "layers": 0 if case.st is None else len(case.st.names),
+            }
+    return results
 
 
-def peak_rss(arch: str, state: str, sma: bool) -> float:
-    """Peak RSS (MB) of a process that builds the case and runs 6 steps."""
-    code = (
-        "import sys, resource; sys.path.insert(0, 'bench'); from bench_step import build\n"
-        f"step, _ = build({arch!r}, {state!r}, {sma!r})\n"
-        "for _ in range(6): step()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    )
-    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(finished.stdout.strip().splitlines()[-1])
+def report(results: dict, steps: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        import cpuinfo  # py-cpuinfo, installed with pytest-benchmark
 
-
-def report(json_path: Path) -> str:
-    data = json.loads(json_path.read_text())
-    rows = {}
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        rows[(info["arch"], info["state"], info["sma"])] = (bench["stats"]["median"], info)
-    cpu = data["machine_info"].get("cpu", {}).get("brand_raw", "CPU")
+        cpu = cpuinfo.get_cpu_info().get("brand_raw", cpu)
+    except ImportError:
+        pass
     lines = [
-        f"Training step, batch {BATCH} x 3 x {SIZE} x {SIZE}, Adam, {cpu}, 2 threads; median of 12 steps "
-        "(pytest-benchmark). SMA: a sample every step (upper bound). Peak RSS: the case alone in a process.",
+        f"Training step, Adam, {cpu}, 2 threads, `python bench/bench_step.py`. Cases interleaved step by "
+        f"step in one process; means over {steps} steps ({steps // REFIT_INTERVAL} whole refit periods of "
+        f"{REFIT_INTERVAL} steps). Times in ms; launches: stdet op calls in one step.",
         "",
-        "| model | state | SMA | ms / step | vs plain | optimizer state (MB) | trainable elements "
-        "| peak RSS (MB) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model (batch) | state | forward | backward | optimizer | `STDET.step` | total | vs plain "
+        "| trainable elements | launches |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for arch, state, sma in CASES:
-        median, info = rows[(arch, state, sma)]
-        plain = rows[(arch, "plain", sma)][0]
+    for (arch, state), row in results.items():
+        (n, m), batch = MODELS[arch]
+        plain = results[(arch, "plain")]["total"]
+        label = f"{arch} N={n} M={m} ({batch}x3x{SIZE}x{SIZE})"
+        stdet_ms = "-" if state == "plain" else f"{row['stdet']:.1f}"
         lines.append(
-            f"| {arch} | {state} | {'every step' if sma else '-'} | {median * 1e3:.1f} | "
-            f"{median / plain - 1:+.1%} | "
-            f"{info['optimizer_state_bytes'] / 2**20:.2f} | {info['trainable_elements']:,} | "
-            f"{peak_rss(arch, state, sma):.0f} |"
+            f"| {label} | {state} | {row['forward']:.1f} | {row['backward']:.1f} | {row['optimizer']:.1f} | "
+            f"{stdet_ms} | {row['total']:.1f} | {row['total'] / plain:.3f}x | {row['trainable']:,} | "
+            f"{row['launches']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -146,13 +152,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--report", action="store_true", help="write bench/results/step.md from step.json")
-    parser.add_argument("--json", default=str(RESULTS / "step.json"))
+    parser.add_argument("--steps", type=int, default=4 * REFIT_INTERVAL, help="timed steps per case")
+    parser.add_argument("--quick", action="store_true", help="one refit period, results not written")
     args = parser.parse_args()
-    if args.report:
-        text = report(Path(args.json))
+    steps = REFIT_INTERVAL if args.quick else args.steps
+    if steps % REFIT_INTERVAL:
+        parser.error(f"--steps: expected a multiple of the refit interval, {REFIT_INTERVAL}")
+    results = measure(steps)
+    text = report(results, steps)
+    print(text)
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
         (RESULTS / "step.md").write_text(text)
-        print(text)
+        rows = [{"arch": arch, "state": state, **row} for (arch, state), row in results.items()]
+        (RESULTS / "step.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ def test_refs_follow_any_scheduler_created_before_stdet_attaches(scheduler_name)
             scheduler.step()
         if st.refs is not None:
             group = next(g for g in optimizer.param_groups if any(p is st.refs for p in g["params"]))
-            weight = stdet.parametrize.free_values(net, "g_a.0.weight")
+            weight = st.layout.free_values  # the network's weights, all of them now
             net_group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
             refs_lrs.append(group["lr"])
             net_lrs.append(net_group["lr"])

@@ -60,9 +60,8 @@ def test_masked_convolution_keeps_its_causal_mask() -> None:
     model = JointAutoregressiveHierarchicalPriors(N=8, M=12)
     attach(model)
     masked = model.context_prediction
-    with torch.no_grad():
-        masked.parametrizations.weight.original.fill_(1.0)  # masked positions hold non-zeros
-        masked.parametrizations.bias.original.zero_()
+    masked.weight = torch.ones_like(masked.mask)  # assigned: masked positions would hold non-zeros
+    masked.bias = torch.zeros_like(masked.bias)
     assert torch.equal(masked.weight, masked.mask)
     y = torch.zeros(1, 12, 5, 5)
     y[..., 2, 2] = 1.0
@@ -89,18 +88,15 @@ def test_default_set_skips_entropy_models_and_gdn() -> None:
 def test_embedding_state_reconstructs_every_weight() -> None:
     torch.manual_seed(0)
     model = MeanScaleHyperprior(N=8, M=12)
-    refs = attach(model, num_modes=3)
+    layout = attach(model, num_modes=3)
     with torch.no_grad():
-        refs.copy_(torch.tensor([0.5, -2.0, 3.0]))
-        for name, embedded in parametrized_tensors(model).items():  # embed about a third of each tensor
-            module, _, param_name = name.rpartition(".")
-            free_values = model.get_submodule(module).parametrizations[param_name].original
-            value, a, b = embedded.dense(free_values)
-            code = embedded.code.clone()
-            picked = torch.rand(code.shape) < 0.33
-            code[picked] = torch.randint(0, 4, (int(picked.sum()),), dtype=torch.uint8)
-            code[code == 3] = stdet_kernels.DUMMY
-            embedded.repack(free_values, value, code, torch.randn_like(a), torch.randn_like(b))
+        layout.refs.copy_(torch.tensor([0.5, -2.0, 3.0]))
+        value, a, b = layout.dense()
+        code = layout.code.clone()  # embed about a third of the elements
+        picked = torch.rand(code.shape) < 0.33
+        code[picked] = torch.randint(0, 4, (int(picked.sum()),), dtype=torch.uint8)
+        code[code == 3] = stdet_kernels.DUMMY
+        layout.repack(value, code, torch.randn_like(a), torch.randn_like(b))
     state = embedding_state(model)
     for name in parametrized_tensors(model):
         module = model.get_submodule(name.rpartition(".")[0])
@@ -111,18 +107,18 @@ def test_embedding_state_reconstructs_every_weight() -> None:
 def test_gradients_reach_values_and_refs() -> None:
     torch.manual_seed(0)
     model = FactorizedPrior(N=8, M=12)
-    refs = attach(model, num_modes=1)
-    embedded = parametrized_tensors(model)["g_a.0.weight"]
-    value = model.g_a[0].parametrizations.weight.original
-    dense_value, a, b = embedded.dense(value)
-    code = embedded.code.clone()
-    code.view(-1)[:10] = 0
-    embedded.repack(value, dense_value, code, torch.ones_like(a), b)
+    layout = attach(model, num_modes=1)
+    dense_value, a, b = layout.dense()
+    code = layout.code.clone()
+    code[:10] = 0  # the first 10 elements of g_a.0.weight
+    layout.repack(dense_value, code, torch.ones_like(a), b)
     out = model(_image(32))
     out["x_hat"].square().mean().backward()
-    assert value.shape == (embedded.code.numel() - 10,)  # only the FREE elements are trainable
+    value = layout.free_values
+    assert value.shape == (layout.numel - 10,)  # only the FREE elements are trainable
     assert value.grad is not None and value.grad.abs().sum() > 0
-    assert refs.grad is not None and refs.grad.abs().sum() > 0
+    assert layout.refs.grad is not None and layout.refs.grad.abs().sum() > 0
+    assert model.g_a[0].parametrizations.weight.original.numel() == 0  # the layer stores nothing
 
 
 def test_misuse_gives_clear_errors() -> None:

@@ -78,7 +78,7 @@ def test_end_to_end_warmup_fit_and_three_rounds() -> None:
 
     # Embedded elements keep their weights through a step; gradients reach refs.
     before = st.flat_weights()
-    codes = st._flat_codes()
+    codes = st.layout.code.clone()
     _train(model, optimizer, st, range(39, 40))
     after = st.flat_weights()
     dummy = codes == stdet_kernels.DUMMY
@@ -87,15 +87,19 @@ def test_end_to_end_warmup_fit_and_three_rounds() -> None:
     assert st.refs.grad is not None and st.refs.grad.abs().sum() > 0
     # Embedded elements have left training: the trainable values, the optimizer's moments and the
     # schedule's own per-element statistics hold one entry per FREE element, no more.
-    free_total = int((st._flat_codes() == FREE).sum())
+    # All of it flat: one trainable tensor for the whole model, the layers' own tensors are empty.
+    free_total = int((st.layout.code == FREE).sum())
     assert all(getattr(st.refit, name).numel() == free_total for name in st.refit.PER_ELEMENT)
-    assert sum(s.numel() for s in st.sensitivity.values()) == free_total
-    for name in st.names:
-        free = int((st._embedded()[name].code == FREE).sum())
-        value = st._value(name)
-        assert value.shape == (free,)
-        assert optimizer.state[value]["exp_avg"].shape == (free,)
-        assert optimizer.state[value]["exp_avg_sq"].shape == (free,)
+    assert st.layout.sensitivity.shape == (free_total,) and st.layout.sensitivity.abs().sum() > 0
+    value = st.layout.free_values
+    assert value.shape == (free_total,)
+    assert optimizer.state[value]["exp_avg"].shape == (free_total,)
+    assert optimizer.state[value]["exp_avg_sq"].shape == (free_total,)
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    assert held[-2] is value and held[-1] is st.refs and all(p.numel() > 0 for p in held)
+    for name in st.names:  # the layers' own tensors are empty now
+        module, _, tensor = name.rpartition(".")
+        assert model.get_submodule(module).parametrizations[tensor].original.numel() == 0
 
     # The exported model codes an image with plain CompressAI.
     plain = FactorizedPrior.from_state_dict(stdet.export_state_dict(model)).eval()
@@ -150,7 +154,7 @@ def test_a_round_that_raises_the_loss_is_undone() -> None:
     refs_only = st.num_modes / st.elements
     assert embedded_before_judgement == pytest.approx(refs_only + 0.3 * (1 - refs_only), abs=2e-3)
     assert st.embedded_fraction() == pytest.approx(refs_only + 0.15 * (1 - refs_only), abs=2e-3)
-    assert st.refit.mean.numel() == int((st._flat_codes() == FREE).sum())
+    assert st.refit.mean.numel() == int((st.layout.code.clone() == FREE).sum())
     # Neither undoing nor embedding (with continuity) changes a weight.
     torch.testing.assert_close(st.flat_weights(), weights_before_judgement, rtol=0, atol=1e-6)
 
@@ -213,13 +217,12 @@ def test_rewiring_keeps_the_state_of_elements_that_stay_free(make_optimizer) -> 
         loss.backward()
         optimizer.step()
         if step == 24:  # the first round runs in this st.step: look at the state just before it
-            name = "g_a.0.weight"
-            value = st._value(name)
-            code_before = st._embedded()[name].code.clone()
+            value = st.layout.free_values
+            code_before = st.layout.code.clone()
             state_before = {k: v.clone() for k, v in optimizer.state[value].items() if v.dim() > 0}
         st.step(loss)
     assert [h["event"] for h in st.history] == ["attach", "round"]
-    code_after = st._embedded()[name].code
+    code_after = st.layout.code
     stays = code_after.reshape(-1)[code_before.reshape(-1) == FREE] == FREE
     assert 0 < int(stays.sum()) < stays.numel()
     for key, before in state_before.items():
@@ -238,15 +241,15 @@ def test_16_bit_coefficients_keep_continuity_to_their_precision(dtype: str) -> N
     loss = _rd_loss(model, _batch(24))
     loss.backward()
     optimizer.step()
-    codes_before, before = st._flat_codes(), st.flat_weights()
+    codes_before, before = st.layout.code.clone(), st.flat_weights()
     st.step(loss)  # the first round
     assert st.history[-1]["event"] == "round"
-    assert st._embedded()[st.names[0]].a.dtype == getattr(torch, dtype)
-    newly = (codes_before == FREE) & (st._flat_codes() != FREE)
+    assert st.layout.a.dtype == getattr(torch, dtype)
+    newly = (codes_before == FREE) & (st.layout.code.clone() != FREE)
     state = stdet.embedding_state(model)
     a = torch.cat([state[n]["a"].reshape(-1) for n in st.names])
     b = torch.cat([state[n]["b"].reshape(-1) for n in st.names])
-    codes = st._flat_codes().long()
+    codes = st.layout.code.clone().long()
     ref = torch.where(codes < len(state["refs"]), state["refs"][codes.clamp(max=len(state["refs"]) - 1)], 0.0)
     ulp = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
     bound = ulp * (b.abs() + (a * ref).abs()) + 1e-7
@@ -286,15 +289,39 @@ def test_a_running_stdet_takes_its_own_state_back_unchanged() -> None:
     model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG))
     _train(model, optimizer, st, range(20))
     before = stdet.export_state_dict(model)
-    state, codes = (
-        model.state_dict(),
-        [e.code.clone() for e in stdet.parametrize.parametrized_tensors(model).values()],
-    )
+    state, codes = model.state_dict(), st.layout.code.clone()
     model.load_state_dict(state)
     optimizer.load_state_dict(optimizer.state_dict())
     after = stdet.export_state_dict(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(
-        torch.equal(c, e.code) for c, e in zip(codes, stdet.parametrize.parametrized_tensors(model).values())
-    )
+    assert torch.equal(codes, st.layout.code)
     _train(model, optimizer, st, range(20, 24))  # and training goes on
+
+
+@pytest.mark.parametrize("arch", ["bmshj2018-factorized", "mbt2018-mean"])
+def test_a_training_step_launches_at_most_three_stdet_ops_whatever_the_layers(arch) -> None:
+    """Forward (the SMA sample fused in), backward (the sensitivity fused in), nothing else: on every
+    step, sampling, refit and embedding-round steps included."""
+    from stdet.train import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, N=8, M=12)  # every layer of the architecture, few channels
+    parameters = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    optimizer = torch.optim.Adam(parameters, lr=1e-3)
+    config = dict(CONFIG, warmup_steps=4, snapshots=2, embed_every=3, sma_every=1)
+    st = stdet.STDET(model, optimizer, stdet.STDETConfig(**config))
+    assert len(st.names) >= 16
+    counts = []
+    for step in range(16):
+        x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(step))
+        with stdet_kernels.record_calls() as calls:
+            optimizer.zero_grad()
+            loss = _rd_loss(model, x)
+            loss.backward()
+            optimizer.step()
+            st.step(loss)
+        counts.append(len(calls))
+    rounds = [h for h in st.history if h["event"] == "round"]
+    assert len(rounds) >= 2 and st.sma.samples == 16 and st.refit.count > 2
+    attached = counts[4:]  # from the first step after attaching
+    assert max(attached) <= 3 and min(attached) >= 2, counts

@@ -53,20 +53,17 @@ def test_every_step_shadow_average_is_pytorchs_ema_or_swa(alpha) -> None:
 def _attached_model():
     torch.manual_seed(0)
     model = FactorizedPrior(N=8, M=12)
-    refs = attach(model, num_modes=2)
+    layout = attach(model, num_modes=2)
     with torch.no_grad():
-        refs.copy_(torch.tensor([0.3, -0.2]))
-        for name, embedded in parametrized_tensors(model).items():  # embed a quarter of each tensor
-            module, _, attribute = name.rpartition(".")
-            values = model.get_submodule(module).parametrizations[attribute].original
-            value, a, b = embedded.dense(values)
-            code = embedded.code.clone()
-            code[torch.rand(code.shape, generator=torch.Generator().manual_seed(1)) < 0.25] = 1
-            embedded.repack(values, value, code, torch.ones_like(a) * 0.5, b)
+        layout.refs.copy_(torch.tensor([0.3, -0.2]))
+        value, a, b = layout.dense()
+        code = layout.code.clone()  # embed a quarter of the elements
+        code[torch.rand(code.shape, generator=torch.Generator().manual_seed(1)) < 0.25] = 1
+        layout.repack(value, code, torch.ones_like(a) * 0.5, b)
     return model
 
 
-def test_parametrized_tensors_are_sampled_by_the_fused_kernel_in_one_pass() -> None:
+def test_parametrized_tensors_are_sampled_by_one_fused_kernel_call_in_one_pass() -> None:
     model = _attached_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     sma = stdet.SMA(model, every=2, alpha=0.25)
@@ -85,8 +82,8 @@ def test_parametrized_tensors_are_sampled_by_the_fused_kernel_in_one_pass() -> N
         fused = [c for c in calls if c[0] == "reconstruct_compact_sma_"]
         plain = [c for c in calls if c[0] == "reconstruct_compact"]
         if sampling:
-            # One fused pass per parametrized tensor; no separate read of the weights for the sample.
-            assert len(fused) == len(names), calls
+            # One fused pass over the whole flat layout; no separate read of the weights for the sample.
+            assert len(fused) == 1, calls
             assert len(plain) == 0, calls
             assert [c[0] for c in calls].count("lerp_") <= 1  # the other tensors, in one call
             for name in names:
@@ -95,7 +92,7 @@ def test_parametrized_tensors_are_sampled_by_the_fused_kernel_in_one_pass() -> N
                     weights[name] if previous is None else previous + 0.25 * (weights[name] - previous)
                 )
         else:
-            assert not fused and len(plain) == len(names), calls
+            assert not fused and len(plain) == 1, calls
     for name in names:
         torch.testing.assert_close(sma.averages[name], expected[name], rtol=1e-6, atol=1e-6)
 
@@ -197,14 +194,13 @@ def test_averages_survive_attaching_and_embedding_rounds() -> None:
 def test_feedback_through_stdet_writes_free_values_and_references() -> None:
     model, _, st = _stdet_run("feedback", 30)  # step 30 is a sampling step, after two rounds
     live = stdet.export_state_dict(model, raw=True)
-    for name in st.names:
-        code = st._embedded()[name].code
-        average = st.sma.averages[name]
-        free = code == stdet_kernels.FREE
-        assert torch.equal(live[name][free], average[free])
-        for index, mode in st.reference_positions().get(name, []):
-            assert live[name].reshape(-1)[index] == pytest.approx(float(average.reshape(-1)[index]), abs=1e-6)
-            assert float(st.refs[mode].detach()) == pytest.approx(float(average.reshape(-1)[index]), abs=1e-6)
+    flat_live = torch.cat([live[name].reshape(-1) for name in st.names])
+    average = torch.cat([st.sma.averages[name].reshape(-1) for name in st.names])
+    free = st.layout.code == stdet_kernels.FREE
+    assert torch.equal(flat_live[free], average[free])
+    for mode, index in enumerate(st.references.tolist()):
+        assert float(flat_live[index]) == pytest.approx(float(average[index]), abs=1e-6)
+        assert float(st.refs[mode].detach()) == pytest.approx(float(average[index]), abs=1e-6)
 
 
 def test_compressing_with_the_averages_updates_the_cdf_tables_and_puts_them_back() -> None:

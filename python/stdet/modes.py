@@ -220,7 +220,12 @@ class OnlineRefit:
         """Add one snapshot: `snapshot` holds every element's value (references included) and
         `tracked` (bool, same size) marks the tracked ones; None means all elements are tracked."""
         snapshot = snapshot.detach().float().cpu().reshape(-1)
-        w = snapshot if tracked is None else snapshot[tracked]
+        self.update_tracked(snapshot if tracked is None else snapshot[tracked], snapshot[self.references])
+
+    def update_tracked(self, tracked_values: torch.Tensor, reference_values: torch.Tensor) -> None:
+        """`update` from the tracked elements' values (in element order) and the references' values
+        alone: STDET's FREE values and ``refs``, with no full snapshot of the weights."""
+        w = tracked_values.detach().float().cpu().reshape(-1)
         if w.shape != self.mean.shape:
             raise ValueError(f"snapshot: expected {self.mean.numel()} tracked elements, got {w.numel()}")
         self.count += 1
@@ -229,7 +234,7 @@ class OnlineRefit:
         self.moment2 += delta_w * (w - self.mean)
         if self.references.numel() == 0:
             return
-        r = snapshot[self.references]
+        r = reference_values.detach().float().cpu().reshape(-1)
         delta_r = r - self.ref_mean
         self.ref_mean += delta_r / self.count
         # Welford's co-moment update: old deviation of one times new deviation of the other.

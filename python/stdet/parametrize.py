@@ -1,9 +1,11 @@
 """The STDET reparametrization of a model's weights (METHOD.md, "Notation").
 
-`attach` registers an `Embedded` parametrization (`torch.nn.utils.parametrize`) on every embeddable
-tensor: the layer's weight becomes ``reconstruct(value, code, a, b, refs)``, computed by the fused op
-of `stdet_kernels`. Right after attaching every element is FREE, so the model computes exactly what it
-computed before. One `refs` parameter (one scalar per mode) is shared by every parametrization.
+`attach` lays every embeddable tensor into one `stdet.layout.FlatLayout` (the model's child
+``stdet``) and registers an `Embedded` parametrization (`torch.nn.utils.parametrize`) on each: the
+layer's weight becomes its view of the flat weight ``reconstruct(value, code, a, b, refs)``, which one
+fused op of `stdet_kernels` computes per forward of the model. Right after attaching every element is
+FREE, so the model computes exactly what it computed before. Users, CompressAI, ``state_dict`` and
+``torch.compile`` see ordinary parametrized layers.
 
 Default embeddable set: weights and biases of every convolution, transposed convolution and linear
 layer that is not part of an entropy model (CompressAI's `EntropyModel`: `quantiles`, CDF tables and
@@ -13,9 +15,15 @@ patterns (fnmatch) include or exclude more.
 CompressAI's `MaskedConv2d` multiplies its weight by a causal mask in `forward` by writing
 ``weight.data``, which a parametrized weight would lose. Here the masked-out elements are DUMMY with
 ``b = 0``: the reconstruction itself is masked, at no extra cost, and the write is harmless.
+
+State-dict keys: the flat storage under ``stdet.`` (``free_values``, ``refs``, ``code``, ``offsets``,
+``a``, ``b``, ``sensitivity``, and STDET's ``_extra_state`` with the tensors' names and shapes); each
+layer keeps an empty ``<layer>.parametrizations.<tensor>.original``. `plain_state_dict` turns such a
+state dict into CompressAI's keys without a model.
 """
 
 import fnmatch
+import math
 import re
 from collections.abc import Iterable, Mapping
 
@@ -24,15 +32,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import stdet_kernels
-from stdet_kernels import DUMMY, FREE
+from stdet_kernels import FREE
+
+from .layout import FlatLayout
 
 # `stdet.STDET` adds a child module of this name to the model; its state is this state-dict key.
 STATE_MODULE = "stdet"
-STATE_KEY = f"{STATE_MODULE}._extra_state"
-# ``<layer>.parametrizations.<tensor>.original`` and ``<layer>.parametrizations.<tensor>.0.<buffer>``
-_PARAMETRIZED_KEY = re.compile(
-    r"(?:(.*)\.)?parametrizations\.([^.]+)\.(original|0\.(?:code|offsets|a|b|refs))"
-)
+STATE_PREFIX = f"{STATE_MODULE}."
+STATE_KEY = f"{STATE_PREFIX}_extra_state"
+# A layer's (empty) ``<layer>.parametrizations.<tensor>.original``.
+_PARAMETRIZED_KEY = re.compile(r"(?:.*\.)?parametrizations\.[^.]+\.original")
 
 EMBEDDABLE_LAYERS = (
     nn.Conv1d,
@@ -96,80 +105,28 @@ def embeddable_parameters(
     return chosen
 
 
-def remap_free(array: torch.Tensor, old_code: torch.Tensor, new_code: torch.Tensor) -> torch.Tensor:
-    """An array indexed by FREE element (compact order) after the FREE set changes from `old_code` to
-    `new_code`: elements that stay FREE keep their entries, newly FREE ones get 0."""
-    dense = torch.zeros(old_code.numel(), dtype=array.dtype, device=array.device)
-    dense[old_code.reshape(-1) == FREE] = array.reshape(-1)
-    return dense[new_code.reshape(-1) == FREE]
-
-
 class Embedded(nn.Module):
-    """``weight = reconstruct_compact(free_values, code, offsets, a, b, refs)`` (the compact layout of
-    `stdet_kernels.compact`). The parametrized tensor's trainable storage
-    (``parametrizations.<name>.original``) holds only the FREE elements' values; buffers ``code`` (the
-    weight's shape), ``offsets``, and ``a``, ``b`` for the other elements, in `coefficient_dtype`.
-    ``refs`` is the model-wide reference parameter, shared by every `Embedded`.
-    """
+    """The parametrization of one layer's tensor: its view of the flat weight of `layout` (tensor
+    `index` there). Holds no storage of its own: the layer's ``parametrizations.<name>.original`` is
+    empty, and assigning a weight to the layer writes its FREE elements' values into the layout."""
 
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        refs: nn.Parameter,
-        mask: torch.Tensor | None = None,
-        coefficient_dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, layout: FlatLayout, index: int) -> None:
         super().__init__()
-        code = torch.full(weight.shape, FREE, dtype=torch.uint8, device=weight.device)
-        if mask is not None:
-            code[mask == 0] = DUMMY  # b = 0 there: the reconstruction is masked
-        embedded = int((code != FREE).sum())
-        dtype = coefficient_dtype or weight.dtype
-        self.register_buffer("code", code)
-        self.register_buffer("offsets", stdet_kernels.compact_offsets(code))
-        self.register_buffer("a", torch.zeros(embedded, dtype=dtype, device=weight.device))
-        self.register_buffer("b", torch.zeros(embedded, dtype=dtype, device=weight.device))
-        self.refs = refs
-        # Set by `stdet.SMA`: (average, alpha) to update in the next reconstruction, in the same pass.
-        self.pending_sample: tuple[torch.Tensor, float] | None = None
-        # Set by `stdet.SMA.swap`: a weight to return instead of the reconstruction.
-        self.override: torch.Tensor | None = None
+        object.__setattr__(self, "layout", layout)  # not a submodule: the model holds it as ``stdet``
+        self.index = index
 
-    def forward(self, free_values: torch.Tensor) -> torch.Tensor:
-        if self.override is not None:
-            return self.override
-        layout = (free_values, self.code, self.offsets, self.a, self.b, self.refs)
-        if self.pending_sample is not None:
-            (average, alpha), self.pending_sample = self.pending_sample, None
-            return stdet_kernels.reconstruct_compact_sma_(*layout, average, alpha)
-        return stdet_kernels.reconstruct_compact(*layout)
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.layout.view(self.index)
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        """A weight assigned to the layer sets the FREE elements' values; embedded ones keep theirs."""
-        return weight.detach().reshape(-1)[self.code.reshape(-1) == FREE].clone()
-
-    def dense(self, free_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(value, a, b) in the dense layout, the weight's shape and dtype; 0 where nothing is stored."""
-        value, a, b = stdet_kernels.unpack(free_values.detach(), self.code, self.a, self.b)
-        return value, a.to(value.dtype), b.to(value.dtype)
-
-    @torch.no_grad()
-    def repack(
-        self,
-        free_values: nn.Parameter,
-        value: torch.Tensor,
-        code: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-    ) -> None:
-        """Take a new dense state. `free_values` (the trainable parameter) is resized in place
-        (``set_``), so optimizers keep referring to it; their per-element state is the caller's job."""
-        new_values, offsets, new_a, new_b = stdet_kernels.pack(value, code, a, b, self.a.dtype)
-        self.code.copy_(code.view(self.code.shape))
-        self.offsets = offsets
-        self.a, self.b = new_a, new_b
-        free_values.set_(new_values.to(free_values.dtype))
-        free_values.grad = None
+        if self.layout.attached:  # an assignment ``layer.weight = w`` after attaching
+            with torch.no_grad():
+                self.layout.view(self.index)  # (any pending SMA sample is taken first)
+                start = sum(self.layout.sizes[: self.index])
+                indices = torch.arange(start, start + weight.numel(), device=self.layout.code.device)
+                free = self.layout.code[indices] == FREE
+                self.layout.edit(indices[free], FREE, value=weight.detach().reshape(-1)[free])
+        return weight.new_empty(0)
 
 
 def owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -178,10 +135,10 @@ def owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_name) if module_name else model), attribute
 
 
-def free_values(model: nn.Module, name: str) -> nn.Parameter:
-    """The trainable storage of parametrized tensor `name`: its FREE elements' values."""
-    module, attribute = owner(model, name)
-    return module.parametrizations[attribute].original
+def flat_layout(model: nn.Module) -> FlatLayout | None:
+    """The model's `FlatLayout` (its child ``stdet``), or None."""
+    layout = getattr(model, STATE_MODULE, None)
+    return layout if isinstance(layout, FlatLayout) else None
 
 
 def parametrized_tensors(model: nn.Module) -> dict[str, Embedded]:
@@ -204,12 +161,14 @@ def attach(
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     coefficient_dtype: torch.dtype | None = None,
-) -> nn.Parameter:
-    """Parametrize every embeddable tensor of `model` (all FREE) and return the shared `refs`.
+    layout: FlatLayout | None = None,
+) -> FlatLayout:
+    """Lay every embeddable tensor of `model` into one flat layout (all FREE, `num_modes` zero
+    references), parametrize each layer with its view, and return the layout (also ``model.stdet``).
 
-    `refs` starts with `num_modes` zeros; mode discovery fills it. The model's outputs are unchanged.
-    The trainable parameters keep their identity (optimizers keep referring to them) but become 1-D,
-    holding the FREE elements only: optimizer state kept for them no longer fits (`STDET` remaps it).
+    The model's outputs are unchanged. The layers' own parameters become empty: an optimizer that
+    held them must train ``layout.free_values`` and ``layout.refs`` instead (`FlatLayout.take_over`).
+    `layout` is the model's existing, empty `FlatLayout` (`STDET` creates it first); None makes one.
     """
     if parametrized_tensors(model):
         raise RuntimeError("attach: the model already has STDET parametrizations (attached twice?)")
@@ -219,30 +178,41 @@ def attach(
             "model: no embeddable parameters (no convolution or linear layer outside entropy models, "
             "and no include pattern matched)"
         )
-    first = model.get_parameter(names[0])
-    refs = nn.Parameter(torch.zeros(num_modes, dtype=first.dtype, device=first.device))
+    tensors = [model.get_parameter(name) for name in names]
+    if layout is None:
+        layout = FlatLayout(names, [tuple(t.shape) for t in tensors])
+        model.add_module(STATE_MODULE, layout)
+        model.register_forward_pre_hook(layout.begin_forward)
+        model.register_forward_hook(layout.end_forward)
+    elif layout.names != names:
+        raise RuntimeError("attach: the layout was made for a different set of tensors")
+    masks = []
     for name in names:
         module, param_name = owner(model, name)
-        mask = getattr(module, "mask", None) if param_name == "weight" else None
-        weight = getattr(module, param_name)
-        parametrize.register_parametrization(
-            module, param_name, Embedded(weight.detach(), refs, mask, coefficient_dtype)
-        )
-    return refs
+        masks.append(getattr(module, "mask", None) if param_name == "weight" else None)
+    layout.attach(tensors, masks, num_modes, coefficient_dtype)
+    layout.attached = False  # registering calls right_inverse: not an assignment
+    for index, name in enumerate(names):
+        module, param_name = owner(model, name)
+        parametrize.register_parametrization(module, param_name, Embedded(layout, index), unsafe=True)
+    for tensor in tensors:  # now the empty ``original`` of each layer
+        tensor.requires_grad_(False)
+    layout.attached = True
+    return layout
 
 
 def embedding_state(model: nn.Module) -> dict[str, object]:
     """For each parametrized tensor, dense ``{"value", "code", "a", "b"}`` in METHOD.md's notation, plus
     ``"refs"``: ``stdet_kernels.reconstruct(**state[name], refs=state["refs"])`` is the layer's weight."""
-    state: dict[str, object] = {}
-    refs = None
-    for name, embedded in parametrized_tensors(model).items():
-        value, a, b = embedded.dense(free_values(model, name))
-        state[name] = {"value": value, "code": embedded.code, "a": a, "b": b}
-        refs = embedded.refs
-    if refs is None:
+    layout = flat_layout(model)
+    if layout is None or not layout.attached:
         raise ValueError("model: has no STDET parametrizations (call attach first)")
-    state["refs"] = refs.detach()
+    value, a, b = (layout.split(t) for t in layout.dense())
+    code = layout.split(layout.code)
+    state: dict[str, object] = {
+        name: {"value": value[name], "code": code[name], "a": a[name], "b": b[name]} for name in layout.names
+    }
+    state["refs"] = layout.refs.detach()
     return state
 
 
@@ -259,7 +229,7 @@ def export_state_dict(model: nn.Module, sma=None, raw: bool = False) -> dict[str
     parametrized = parametrized_tensors(model)
     with torch.no_grad(), parametrize.cached():
         for key, tensor in model.state_dict().items():
-            if ".parametrizations." not in key and not _is_state_key(key):
+            if ".parametrizations." not in key and not is_layout_key(key):
                 plain[key] = tensor
         for name in parametrized:
             module, param_name = owner(model, name)
@@ -267,40 +237,41 @@ def export_state_dict(model: nn.Module, sma=None, raw: bool = False) -> dict[str
     return plain
 
 
-def _is_state_key(key: str) -> bool:
-    return key == STATE_KEY or key.endswith("." + STATE_KEY)
+def is_layout_key(key: str) -> bool:
+    """A state-dict (or parameter, buffer) name of STDET's flat layout and state (``stdet.*``)."""
+    return key.startswith(STATE_PREFIX) or f".{STATE_PREFIX}" in key
 
 
 def plain_state_dict(
     state_dict: Mapping[str, object], averages: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
     """A plain CompressAI state dict from the state dict of a model with STDET on it (works on the
-    keys alone, no model needed): each parametrized tensor is reconstructed under its own key
-    (``g_a.0.weight``), STDET's own state is left out, everything else is kept. With `averages` (SMA's,
-    keyed like the plain state dict) a tensor that has an average is exported as its average.
+    keys alone, no model needed): the flat layout's weights are reconstructed and split under the
+    tensors' own keys (``g_a.0.weight``), STDET's storage and state are left out, everything else is
+    kept. With `averages` (SMA's, keyed like the plain state dict) a tensor that has an average is
+    exported as its average.
     """
     plain: dict[str, torch.Tensor] = {}
-    layouts: dict[str, dict[str, torch.Tensor]] = {}
+    storage: dict[str, object] = {}
     for key, value in state_dict.items():
-        if _is_state_key(key):
-            continue
-        match = _PARAMETRIZED_KEY.fullmatch(key)
-        if match is None:
+        if is_layout_key(key):
+            storage[key.rpartition(STATE_PREFIX)[2]] = value
+        elif _PARAMETRIZED_KEY.fullmatch(key) is None:
             plain[key] = value
-            continue
-        layer, tensor, part = match.groups()
-        name = f"{layer}.{tensor}" if layer else tensor
-        layouts.setdefault(name, {})[part.removeprefix("0.")] = value
-    with torch.no_grad():
-        for name, parts in layouts.items():
-            missing = {"original", "code", "offsets", "a", "b", "refs"} - set(parts)
-            if missing:
-                raise ValueError(
-                    f"state_dict: parametrized tensor {name!r} lacks {', '.join(sorted(missing))}"
-                )
-            free = parts["original"]
-            layout = (free, parts["code"], parts["offsets"], parts["a"], parts["b"], parts["refs"].to(free))
-            plain[name] = stdet_kernels.reconstruct_compact(*layout)
+    if "free_values" in storage:
+        missing = {"code", "offsets", "a", "b", "refs", "_extra_state"} - set(storage)
+        if missing:
+            raise ValueError(f"state_dict: the STDET layout lacks {', '.join(sorted(missing))}")
+        state = storage["_extra_state"]
+        free = storage["free_values"]
+        tensors = (free, storage["code"], storage["offsets"], storage["a"], storage["b"])
+        with torch.no_grad():
+            flat = stdet_kernels.reconstruct_compact(*tensors, storage["refs"].to(free))
+        sizes = [math.prod(shape) for shape in state["shapes"]]
+        for name, piece, shape in zip(
+            state["names"], flat.split_with_sizes(sizes), state["shapes"], strict=True
+        ):
+            plain[name] = piece.reshape(shape).clone()
     if averages:
         for key in plain:
             if key in averages:

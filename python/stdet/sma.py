@@ -7,12 +7,13 @@
 
 Every `every` steps (after `start_step`) a sample of the full weights is averaged:
 ``avg += alpha * (sample - avg)``; the first sample initialises the average; ``alpha="uniform"``
-uses 1/n for the n-th sample (a plain mean of the samples). Parametrized tensors (STDET) are sampled
-by the reconstruction kernel itself at the next forward (`reconstruct_compact_sma_`: one pass over
-memory); other floating-point parameters and buffers through the multi-tensor `lerp_`; integer buffers
-(CompressAI's CDF tables) are never averaged. Averages are dense, one per weight, so an element that
-becomes embedded keeps its average. In "feedback" mode the live weights are set to the average after
-each sample (free values and references of parametrized tensors; no optimizer state is touched).
+uses 1/n for the n-th sample (a plain mean of the samples). STDET's parametrized tensors are sampled
+by the flat layout's reconstruction itself at the next forward (`reconstruct_compact_sma_`: one op,
+one pass over memory, into one flat average whose views are the tensors' averages); other
+floating-point parameters and buffers through the multi-tensor `lerp_`; integer buffers (CompressAI's
+CDF tables) are never averaged. Averages are dense, one per weight, so an element that becomes
+embedded keeps its average. In "feedback" mode the live weights are set to the average after each
+sample (free values and references of the layout; no optimizer state is touched).
 """
 
 import contextlib
@@ -24,7 +25,8 @@ from torch import nn
 
 from stdet_kernels import FREE
 
-from .parametrize import free_values, owner, parametrized_tensors
+from .layout import FlatLayout
+from .parametrize import flat_layout, is_layout_key, owner
 
 
 class SMA:
@@ -37,7 +39,7 @@ class SMA:
         alpha: float | str = 0.1,
         mode: str = "shadow",
         start_step: int = 0,
-        references: dict[str, list[tuple[int, int]]] | None = None,
+        references: torch.Tensor | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -53,12 +55,13 @@ class SMA:
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step: expected an integer >= 0, got {start_step!r}")
         self.model, self.every, self.alpha, self.mode, self.start_step = model, every, alpha, mode, start_step
-        # For feedback on parametrized tensors: name -> [(flat index, mode)] of the reference elements,
-        # whose averages become refs (STDET provides it).
-        self.references = references or {}
+        # For feedback on STDET's layout: the flat index of each mode's reference element, whose
+        # average becomes refs[mode] (STDET provides it).
+        self.references = references
         self.step_count = 0
         self.samples = 0
         self.averages: dict[str, torch.Tensor] = {}
+        self._flat: torch.Tensor | None = None  # the layout's flat average (its views are in averages)
 
     # ------------------------------------------------------------------------------------------
 
@@ -70,8 +73,28 @@ class SMA:
             for name, tensor in named
             if ".parametrizations." not in name
             and not name.startswith("parametrizations.")
+            and not is_layout_key(name)
             and tensor.is_floating_point()
         }
+
+    def _layout(self) -> FlatLayout | None:
+        layout = flat_layout(self.model)
+        return layout if layout is not None and layout.attached else None
+
+    def _flat_average(self, layout: FlatLayout) -> tuple[torch.Tensor, bool]:
+        """The layout's flat average, its views put in `averages` under the tensors' names; True if it
+        is new (nothing sampled yet: the next sample initialises it). Averages the tensors got before
+        STDET attached (or from a saved state) are laid end to end."""
+        if self._flat is None:
+            first = not all(name in self.averages for name in layout.names)
+            if first:
+                values = layout.free_values
+                self._flat = torch.zeros(layout.numel, dtype=values.dtype, device=values.device)
+            else:
+                self._flat = torch.cat([self.averages[name].reshape(-1) for name in layout.names])
+            self.averages.update(layout.split(self._flat))
+            return self._flat, first
+        return self._flat, False
 
     def _alpha(self) -> float:
         if self.samples == 1:
@@ -99,34 +122,29 @@ class SMA:
             # Averages are clones of their tensors (same shape, dtype, device), so the public
             # function's per-pair checks are skipped: they cost more than the update itself.
             torch.ops.stdet.lerp_(averages, samples, alpha)
-        for name, embedded in parametrized_tensors(self.model).items():
-            first = name not in self.averages
-            if first:
-                original = free_values(self.model, name)
-                self.averages[name] = torch.zeros(
-                    embedded.code.shape, dtype=original.dtype, device=original.device
-                )
-            embedded.pending_sample = (self.averages[name], 1.0 if first else alpha)
+        layout = self._layout()
+        if layout is not None:
+            flat, first = self._flat_average(layout)
+            layout.pending_sample = (flat, 1.0 if first else alpha)
         if self.mode == "feedback":
             self.flush()
             self._write_back()
 
     def flush(self) -> None:
-        """Take the samples still waiting for a forward now (one fused reconstruction each)."""
-        with torch.no_grad():
-            for name, embedded in parametrized_tensors(self.model).items():
-                if embedded.pending_sample is not None:
-                    embedded(free_values(self.model, name))
+        """Take a sample still waiting for a forward now (one fused reconstruction)."""
+        layout = self._layout()
+        if layout is not None:
+            layout.flush()
 
     @torch.no_grad()
     def _write_back(self) -> None:
         for name, tensor in self._plain_tensors().items():
             tensor.copy_(self.averages[name])
-        for name, embedded in parametrized_tensors(self.model).items():
-            average = self.averages[name].reshape(-1)
-            free_values(self.model, name).copy_(average[embedded.code.reshape(-1) == FREE])
-            for index, mode in self.references.get(name, []):
-                embedded.refs[mode] = average[index]
+        layout = self._layout()
+        if layout is not None and self._flat is not None:
+            layout.free_values.copy_(self._flat[layout.code == FREE])
+            if self.references is not None:
+                layout.refs.copy_(self._flat[self.references.to(self._flat.device)])
 
     @contextlib.contextmanager
     def swap(self, update_entropy_models: bool = False) -> Iterator[nn.Module]:
@@ -140,14 +158,17 @@ class SMA:
         self.flush()
         plain = {name: t for name, t in self._plain_tensors().items() if name in self.averages}
         saved = {name: tensor.detach().clone() for name, tensor in plain.items()}
-        embedded = {n: e for n, e in parametrized_tensors(self.model).items() if n in self.averages}
+        layout = self._layout()
+        if layout is not None and not all(name in self.averages for name in layout.names):
+            layout = None  # never sampled: the live weights stay
+        flat = None if layout is None else self._flat_average(layout)[0]
         buffers = {name: b.clone() for name, b in self.model.named_buffers()} if update_entropy_models else {}
         try:
             with torch.no_grad():
                 for name, tensor in plain.items():
                     tensor.copy_(self.averages[name])
-            for name, target in embedded.items():
-                target.override = self.averages[name]
+            if layout is not None:
+                layout.override = flat
             if update_entropy_models:
                 if not hasattr(self.model, "update"):
                     raise TypeError(
@@ -162,8 +183,8 @@ class SMA:
                 for name, buffer in buffers.items():
                     module, attribute = owner(self.model, name)
                     setattr(module, attribute, buffer)  # update() may have resized it
-            for target in embedded.values():
-                target.override = None
+            if layout is not None:
+                layout.override = None
 
     # ------------------------------------------------------------------------------------------
 
@@ -187,3 +208,4 @@ class SMA:
                 )
         self.step_count, self.samples = state["step"], state["samples"]
         self.averages = {name: t.clone() for name, t in state["averages"].items()}
+        self._flat = None  # laid end to end again at its next use
