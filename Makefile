@@ -50,8 +50,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_fit.py
 	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_sma.py
-	$(PY) -m pytest bench/bench_step.py -q -p no:cacheprovider --benchmark-json=bench/results/step.json
-	$(PY) bench/bench_step.py --report
+	$(PY) bench/bench_step.py
 
 # Plain Adam against STDET over 3 seeds and 2 lambdas (runs/study, tables in bench/results/study.md).
 study: $(VENV)/.installed

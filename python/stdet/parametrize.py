@@ -126,7 +126,9 @@ class Embedded(nn.Module):
                 indices = torch.arange(start, start + weight.numel(), device=self.layout.code.device)
                 free = self.layout.code[indices] == FREE
                 self.layout.edit(indices[free], FREE, value=weight.detach().reshape(-1)[free])
-        return weight.new_empty(0)
+        # Empty, with the weight's number of dimensions: the parameter object keeps its rank (what
+        # torch.compile remembers of a tensor it has traced before).
+        return weight.new_empty([0] * weight.dim())
 
 
 def owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -195,7 +197,8 @@ def attach(
     for index, name in enumerate(names):
         module, param_name = owner(model, name)
         parametrize.register_parametrization(module, param_name, Embedded(layout, index), unsafe=True)
-    for tensor in tensors:  # now the empty ``original`` of each layer
+    for tensor in tensors:  # now the empty ``original`` of each layer: no gradient, now or later
+        tensor.grad = None
         tensor.requires_grad_(False)
     layout.attached = True
     return layout
