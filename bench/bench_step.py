@@ -25,7 +25,17 @@ RESULTS = Path(__file__).parent / "results"
 # model -> ((N, M), batch): the small factorized model and mbt2018-mean at its zoo size
 MODELS = {"bmshj2018-factorized": ((64, 96), 4), "mbt2018-mean": ((128, 192), 2)}
 SIZE = 128
-STATES = {"plain": None, "all FREE": 0.0, "50% embedded": 0.5, "80% embedded": 0.8, "90% embedded": 0.9}
+# state -> (embedded fraction, sensitivity tracked in the backward). STDET tracks it in the steps of
+# the window before each round (44 of every 100 with the defaults) until max_embedded, then never.
+STATES = {
+    "plain": (None, False),
+    "all FREE": (0.0, True),
+    "all FREE, not tracking": (0.0, False),
+    "50% embedded": (0.5, True),
+    "80% embedded": (0.8, True),
+    "80% embedded, not tracking": (0.8, False),
+    "90% embedded": (0.9, True),
+}
 REFIT_INTERVAL = 10
 PHASES = ("forward", "backward", "optimizer", "stdet")
 
@@ -47,7 +57,7 @@ class Case:
         self.aux_optimizer = torch.optim.Adam(aux, lr=1e-3)
         self.x = RandomCrops(bundled_images("train"), SIZE, seed=0).batch(0, batch)
         self.st = None
-        target = STATES[state]
+        target, tracking = STATES[state]
         if target is not None:
             config = stdet.STDETConfig(
                 warmup_steps=2, snapshots=2, embed_every=1 if target > 0 else 10**9, embed_rate=1.0,
@@ -60,6 +70,11 @@ class Case:
             self.st.config.embed_every = 10**9
             self.st.snapshot_interval = REFIT_INTERVAL
             self.st.step_count = 0  # refits at steps 10, 20, ... of the timed steps
+            self.st._track_sensitivity = lambda: None  # this case's setting, every step
+            config = self.st.config
+            self.st.layout.track_sensitivity = (
+                (config.sensitivity_decay, config.sensitivity) if tracking else None
+            )
         self.embedded = 0.0 if self.st is None else self.st.embedded_fraction()
         self.trainable = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
         self.times = {phase: [] for phase in PHASES}

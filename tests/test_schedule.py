@@ -363,3 +363,25 @@ def test_a_model_stdet_has_attached_compiles_with_fullgraph_and_matches_eager() 
         runs.append((losses, st.layout.free_values.detach(), st.layout.sensitivity, st.sma._flat))
     for eager, traced in zip(*runs, strict=True):
         torch.testing.assert_close(traced, eager)
+
+
+def test_sensitivity_is_tracked_in_the_window_before_each_round_only() -> None:
+    """Decay 0.9: steps older than 44 weigh under 1% in the running mean, so the backward updates the
+    sensitivity in the 44 steps before a round (from zero) and skips that pass otherwise."""
+    config = stdet.STDETConfig(**{**CONFIG, "embed_every": 100, "safety_window": 5})
+    model, optimizer, st = _setup(config)
+    _train(model, optimizer, st, range(20))  # attached at step 20: the next round at step 120
+    assert st.sensitivity_window == 44
+    tracked = []
+    for step in range(20, 120):
+        st.step_count, st.last_round = step, 20
+        st._track_sensitivity()
+        tracked.append(st.layout.track_sensitivity is not None)
+    assert tracked == [False] * 56 + [True] * 44  # the backward of steps 77 to 120
+    _train(model, optimizer, st, range(20, 21))
+    st.layout.sensitivity.fill_(1.0)
+    st.step_count, st.last_round = 200, 190  # far from the next round: off
+    st._track_sensitivity()
+    st.step_count = 250  # in the window again: on, from zero
+    st._track_sensitivity()
+    assert st.layout.track_sensitivity == (0.9, "taylor") and st.layout.sensitivity.abs().sum() == 0

@@ -60,6 +60,7 @@ class FlatLayout(nn.Module):
         self._views: tuple[Tensor, ...] | None = None  # during the model's forward
         self._cache: tuple[tuple, tuple[Tensor, ...]] | None = None  # outside it, gradients off
         self._generation = 0  # bumped by every edit
+        self._gradient: Tensor | None = None  # the flat weight gradient, reused every backward
 
     # ------------------------------------------------------------------------------------------
     # Building
@@ -138,7 +139,36 @@ class FlatLayout(nn.Module):
     def begin_forward(self, *_) -> None:
         """The model's forward pre-hook: the flat weight once for every layer of this forward."""
         if self.attached:
-            self._views = self.reconstruct().split_with_sizes(self.sizes)
+            self._views = self._split(self.reconstruct())
+
+    def _split(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """The layers' views of `flat`; their gradients are gathered into one reused flat buffer.
+
+        Autograd's own backward of ``split_with_sizes`` concatenates the views' gradients into a new
+        tensor: on CPU that first write to fresh pages cost 96 ms for mbt2018-mean's 6.9M elements,
+        against 4 ms into memory written before. Under torch.compile the plain split is traced.
+        """
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not flat.requires_grad:
+            return flat.split_with_sizes(self.sizes)
+        return _GatheredSplit.apply(flat, self)
+
+    def gather_gradient(self, grads: tuple[Tensor | None, ...]) -> Tensor:
+        """The layers' weight gradients laid end to end in the reused buffer (zeros where a layer got
+        none), for the fused backward to read."""
+        like = grads[next(i for i, g in enumerate(grads) if g is not None)]
+        if (
+            self._gradient is None
+            or self._gradient.dtype != like.dtype
+            or self._gradient.device != like.device
+        ):
+            self._gradient = torch.empty(self.numel, dtype=like.dtype, device=like.device)
+        pieces = self._gradient.split_with_sizes(self.sizes)
+        given = [i for i, g in enumerate(grads) if g is not None]
+        torch._foreach_copy_([pieces[i] for i in given], [grads[i].reshape(-1) for i in given])
+        missing = [pieces[i] for i, g in enumerate(grads) if g is None]
+        if missing:
+            torch._foreach_zero_(missing)
+        return self._gradient
 
     def end_forward(self, *_) -> None:
         """The model's forward hook: views of this forward are not reused by the next."""
@@ -151,7 +181,7 @@ class FlatLayout(nn.Module):
 
     def _views_outside_forward(self) -> tuple[Tensor, ...]:
         if torch.is_grad_enabled() or self.pending_sample is not None:
-            return self.reconstruct().split_with_sizes(self.sizes)
+            return self._split(self.reconstruct())
         key = (
             self._generation,
             self.free_values._version,
@@ -276,3 +306,17 @@ class FlatLayout(nn.Module):
     def embedded_fraction(self) -> float:
         """Elements that are not FREE (references included) over all elements."""
         return 1.0 - self.free_count / self.numel
+
+
+class _GatheredSplit(torch.autograd.Function):
+    """``flat.split_with_sizes(layout.sizes)`` whose backward writes the views' gradients into the
+    layout's reused buffer (`FlatLayout.gather_gradient`) instead of a fresh concatenation."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, layout: FlatLayout) -> tuple[Tensor, ...]:
+        ctx.layout = layout
+        return flat.split_with_sizes(layout.sizes)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor, None]:
+        return ctx.layout.gather_gradient(grads), None

@@ -221,6 +221,31 @@ class STDET:
         due = self.step_count - self.last_round >= self.config.embed_every
         if self.pending is None and due and self.embedded_fraction() < self.config.max_embedded:
             self._round()
+        self._track_sensitivity()
+
+    @property
+    def sensitivity_window(self) -> int:
+        """Steps before a round over which the sensitivity is tracked: older steps would weigh under
+        1% in its running mean (decay^window < 0.01), so tracking all steps would change nothing."""
+        decay = self.config.sensitivity_decay
+        return 1 if decay == 0 else math.ceil(math.log(0.01) / math.log(decay))
+
+    def _track_sensitivity(self) -> None:
+        """Turn the sensitivity's update in the backward on for the steps of the window before the
+        next round (starting from zero), off otherwise: it costs a pass over the gradient, the values
+        and the sensitivity."""
+        next_round = max(self.last_round + self.config.embed_every, self.step_count + 1)
+        if self.pending is not None:  # a round waits for its judgement first
+            next_round = max(next_round, self.pending["step"] + self.config.safety_window)
+        wanted = (
+            self.embedded_fraction() < self.config.max_embedded
+            and next_round - (self.step_count + 1) < self.sensitivity_window
+        )
+        if wanted and self.layout.track_sensitivity is None:
+            self.layout.sensitivity.zero_()
+        self.layout.track_sensitivity = (
+            (self.config.sensitivity_decay, self.config.sensitivity) if wanted else None
+        )
 
     # ------------------------------------------------------------------------------------------
     # Phases
@@ -239,7 +264,6 @@ class STDET:
             layout=self.layout,
         )
         self.layout.take_over(self.optimizer, params, self.group)
-        self.layout.track_sensitivity = (config.sensitivity_decay, config.sensitivity)
         self.phase = "embedding"
 
     def _start_embedding(self) -> None:
@@ -270,6 +294,7 @@ class STDET:
         self.last_round = self.step_count
         log.info("stdet: step %d: %d modes fitted, model attached", self.step_count, fit.num_modes)
         self.history.append({"step": self.step_count, "event": "attach", "modes": fit.num_modes})
+        self._track_sensitivity()
 
     def _sensitivity(self) -> torch.Tensor:
         """The FREE elements' sensitivity (FREE order, CPU); averaged over the ranks under DDP."""
@@ -389,6 +414,7 @@ class STDET:
             "mode": self.mode,
             "refit": None if self.refit is None else self.refit.state_dict(),
             "code": self.layout.code.clone() if self.layout.attached else None,
+            "track_sensitivity": self.layout.track_sensitivity,
             "sma": None if self.sma is None else self.sma.state_dict(),
         }
 
@@ -432,6 +458,7 @@ class STDET:
         # The saved layout, so that the model's and the optimizer's state dicts fit; the values come
         # with the model's state dict.
         self.layout.take_layout(state["code"], self.optimizer)
+        self.layout.track_sensitivity = state.get("track_sensitivity")
 
     def _before_model_loads(self, module, state_dict, prefix, *_) -> None:
         """The model's load pre-hook: restore STDET's state first, so the layout's keys fit."""
