@@ -174,6 +174,13 @@ def main() -> None:
     for name, measured, fails in changes:
         verdict = "fails" if fails else "passes"
         lines.append("| " + " | ".join([name, verdict, *cells(measured, mark=True)]) + " |")
+    missed = [name for name, _, fails in changes if not fails]
+    lines += [
+        "",
+        "Not caught: "
+        + (", ".join(missed) if missed else "none")
+        + (" (nothing moves past the spread of the settings)." if missed else "."),
+    ]
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
