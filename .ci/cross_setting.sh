@@ -2,7 +2,8 @@
 # Issue 10: the tests whose numbers could depend on the thread count or on the CPU code path (the
 # golden log, the bitwise resume and thread-count tests, DDP against one process), run again under a
 # setting other than the main run's: the other thread count, and ATen's and oneDNN's AVX2 kernels
-# where the main run gets AVX-512, their lowest ones (default, SSE4.1) otherwise.
+# where the main run gets AVX-512, their lowest ones (default, SSE4.1) otherwise. A torch.compile test
+# checks that a compiled graph is not served from the main run's cache (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,5 +25,6 @@ OMP_NUM_THREADS=$threads ATEN_CPU_CAPABILITY=$aten ONEDNN_MAX_CPU_ISA=$onednn ba
   tests/test_dropin.py::test_step_and_plateau_schedules_resume_exactly \
   tests/test_reconstruct.py::test_refs_gradient_is_deterministic \
   tests/test_properties.py::test_compact_refs_gradient_is_deterministic \
-  tests/test_backward_sensitivity.py::test_refs_gradient_is_deterministic_across_thread_counts
+  tests/test_backward_sensitivity.py::test_refs_gradient_is_deterministic_across_thread_counts \
+  tests/test_library.py::test_compiles_with_fullgraph
 echo "cross-setting run: $((SECONDS - start)) s"
