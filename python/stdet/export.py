@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .parametrize import STATE_KEY, plain_state_dict
-from .train import CHECKPOINT_FORMAT
+from .train import CHECKPOINT_FORMAT, TrainingError, load_model
 
 # Where CompressAI's own tools look for the state dict in a checkpoint dict (eval_model, update_model).
 STATE_DICT_KEYS = ("state_dict", "network", "model_state_dict")
@@ -74,17 +74,10 @@ def read_plain_state_dict(path: str | Path, raw: bool = False) -> tuple[dict[str
 
 def check_architecture(plain: dict[str, torch.Tensor], arch: str) -> None:
     """Raise `ExportError` unless CompressAI's `arch` loads `plain` (as eval_model does)."""
-    from compressai.zoo.image import model_architectures
-
-    if arch not in model_architectures:
-        raise ExportError(
-            f"--arch: unknown architecture {arch!r}; choose from {', '.join(model_architectures)}"
-        )
     try:
-        model_architectures[arch].from_state_dict(plain)
-    except (KeyError, RuntimeError, AttributeError, IndexError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ExportError(f"the checkpoint does not fit {arch} ({first[:200]})") from None
+        load_model(arch, plain)
+    except (TrainingError, ValueError) as error:
+        raise ExportError(str(error)) from None
 
 
 def export_checkpoint(

@@ -270,7 +270,7 @@ def load_model(arch: str, state_dict: dict) -> nn.Module:
         )
     try:
         return model_architectures[arch].from_state_dict(state_dict)
-    except (KeyError, RuntimeError, AttributeError, IndexError) as error:
+    except (KeyError, RuntimeError, AttributeError, IndexError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TrainingError(f"checkpoint: does not fit {arch} ({first[:200]})") from None
 
