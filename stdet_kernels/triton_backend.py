@@ -15,6 +15,10 @@ import triton.language as tl
 
 from .reference import COMPACT_BLOCK, DUMMY, FREE
 
+# Compiled kernels may read a module global only when it is a tl.constexpr (the interpreter reads any).
+_FREE = tl.constexpr(FREE)
+_DUMMY = tl.constexpr(DUMMY)
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter costs about 1 ms per program: give each program more work there.
 BLOCK = 1 << 16 if INTERPRETED else 1024
@@ -63,12 +67,12 @@ def _reconstruct_fwd_kernel(
 ):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
-    code = tl.load(code_ptr + offsets, mask=mask, other=FREE).to(tl.int32)
+    code = tl.load(code_ptr + offsets, mask=mask, other=_FREE).to(tl.int32)
     value = tl.load(value_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     ref = tl.load(refs_ptr + code, mask=mask & (code < num_modes), other=0.0)
-    w = tl.where(code == FREE, value, tl.where(code == DUMMY, b, a * ref + b))
+    w = tl.where(code == _FREE, value, tl.where(code == _DUMMY, b, a * ref + b))
     _store_weight(w, offsets, mask, out_ptr, sma_ptr, alpha, WITH_AVERAGE)
 
 
@@ -91,14 +95,14 @@ def _reconstruct_bwd_kernel(
     for sub_start in range(0, BLOCK, SUB_BLOCK):
         offsets = block_start + sub_start + tl.arange(0, SUB_BLOCK)
         mask = offsets < n
-        code = tl.load(code_ptr + offsets, mask=mask, other=FREE).to(tl.int32)
+        code = tl.load(code_ptr + offsets, mask=mask, other=_FREE).to(tl.int32)
         grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        grad_value = tl.where(code == FREE, grad, 0.0)
+        grad_value = tl.where(code == _FREE, grad, 0.0)
         tl.store(
             grad_value_ptr + offsets, _to_storage(grad_value, grad_value_ptr.dtype.element_ty), mask=mask
         )
-        contribution = tl.where(code < DUMMY, a * grad, 0.0)
+        contribution = tl.where(code < _DUMMY, a * grad, 0.0)
         one_hot = code[:, None] == modes[None, :]
         by_mode += tl.sum(tl.where(one_hot, contribution[:, None], 0.0), axis=0)
     tl.store(
@@ -245,7 +249,7 @@ def lerp_(averages: list[torch.Tensor], samples: list[torch.Tensor], alpha: floa
 @triton.jit
 def _compact_slots(code, local, block, offsets_ptr, BLOCK: tl.constexpr):
     """(is_free, slot in free_values, slot in a/b) of each element of a block."""
-    is_free = code == FREE
+    is_free = code == _FREE
     free_rank = tl.cumsum(is_free.to(tl.int32), axis=0) - is_free.to(tl.int32)
     free_before = tl.load(offsets_ptr + block).to(tl.int64)
     free_slot = free_before + free_rank
@@ -273,14 +277,14 @@ def _reconstruct_compact_fwd_kernel(
     local = tl.arange(0, BLOCK)
     offsets = block.to(tl.int64) * BLOCK + local
     mask = offsets < n
-    code = tl.load(code_ptr + offsets, mask=mask, other=DUMMY).to(tl.int32)
+    code = tl.load(code_ptr + offsets, mask=mask, other=_DUMMY).to(tl.int32)
     is_free, free_slot, embedded_slot = _compact_slots(code, local, block, offsets_ptr, BLOCK)
-    embedded = mask & (code != FREE)
+    embedded = mask & (code != _FREE)
     value = tl.load(free_ptr + free_slot, mask=mask & is_free, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + embedded_slot, mask=embedded, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + embedded_slot, mask=embedded, other=0.0).to(tl.float32)
     ref = tl.load(refs_ptr + code, mask=mask & (code < num_modes), other=0.0)
-    w = tl.where(is_free, value, tl.where(code == DUMMY, b, a * ref + b))
+    w = tl.where(is_free, value, tl.where(code == _DUMMY, b, a * ref + b))
     _store_weight(w, offsets, mask, out_ptr, sma_ptr, alpha, WITH_AVERAGE)
 
 
@@ -310,7 +314,7 @@ def _reconstruct_compact_bwd_kernel(
     local = tl.arange(0, BLOCK)
     offsets = block.to(tl.int64) * BLOCK + local
     mask = offsets < n
-    code = tl.load(code_ptr + offsets, mask=mask, other=DUMMY).to(tl.int32)
+    code = tl.load(code_ptr + offsets, mask=mask, other=_DUMMY).to(tl.int32)
     is_free, free_slot, embedded_slot = _compact_slots(code, local, block, offsets_ptr, BLOCK)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(
@@ -325,8 +329,8 @@ def _reconstruct_compact_bwd_kernel(
         mean = tl.load(sensitivity_ptr + free_slot, mask=mask & is_free, other=0.0)
         mean = decay * mean + complement * score
         tl.store(sensitivity_ptr + free_slot, mean, mask=mask & is_free)
-    a = tl.load(a_ptr + embedded_slot, mask=mask & (code != FREE), other=0.0).to(tl.float32)
-    contribution = tl.where(mask & (code < DUMMY), a * grad, 0.0)
+    a = tl.load(a_ptr + embedded_slot, mask=mask & (code != _FREE), other=0.0).to(tl.float32)
+    contribution = tl.where(mask & (code < _DUMMY), a * grad, 0.0)
     modes = tl.arange(0, MODES_PAD)
     one_hot = code[:, None] == modes[None, :]
     by_mode = tl.sum(tl.where(one_hot, contribution[:, None], 0.0), axis=0)
