@@ -10,7 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #if !defined(__CUDA_ARCH__)
-#include <bit>
+#include <cstring>
 #endif
 
 namespace stdet {
@@ -23,6 +23,17 @@ constexpr uint8_t kFree = 255;   // trainable: w = value
 // Entries for DUMMY, FREE and modes that refs does not have hold 0.
 constexpr int kTableSize = 256;
 
+#if !defined(__CUDA_ARCH__)
+// std::bit_cast is C++20; torch before 2.13 builds extensions as C++17. memcpy compiles to the same move.
+template <typename To, typename From>
+inline To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+#endif
+
 // cond ? x : y. On the host as a bitwise blend: GCC does not if-convert the nested float ternary of
 // reconstruct_element, and a blend lets it vectorise the loop. Exact for every value (NaN, inf).
 C10_HOST_DEVICE inline float select(bool cond, float x, float y) {
@@ -30,8 +41,7 @@ C10_HOST_DEVICE inline float select(bool cond, float x, float y) {
   return cond ? x : y;
 #else
   const uint32_t mask = 0u - static_cast<uint32_t>(cond);
-  return std::bit_cast<float>((std::bit_cast<uint32_t>(x) & mask) |
-                              (std::bit_cast<uint32_t>(y) & ~mask));
+  return bit_cast<float>((bit_cast<uint32_t>(x) & mask) | (bit_cast<uint32_t>(y) & ~mask));
 #endif
 }
 
