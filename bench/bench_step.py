@@ -43,19 +43,21 @@ PHASES = ("forward", "backward", "optimizer", "stdet")
 class Case:
     """One model in one state, with its optimizers and (but for plain) its STDET."""
 
-    def __init__(self, arch: str, state: str) -> None:
+    def __init__(self, arch: str, state: str, device: str = "cpu", batch_scale: int = 1) -> None:
         import stdet
         from stdet.data import RandomCrops, bundled_images
         from stdet.train import build_model
 
         (n, m), batch = MODELS[arch]
+        batch *= batch_scale
         torch.manual_seed(0)
-        self.model = build_model(arch, n, m)
+        self.model = build_model(arch, n, m).to(device)
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         net = [p for name, p in self.model.named_parameters() if not name.endswith(".quantiles")]
         aux = [p for name, p in self.model.named_parameters() if name.endswith(".quantiles")]
         self.optimizer = torch.optim.Adam(net, lr=1e-4)
         self.aux_optimizer = torch.optim.Adam(aux, lr=1e-3)
-        self.x = RandomCrops(bundled_images("train"), SIZE, seed=0).batch(0, batch)
+        self.x = RandomCrops(bundled_images("train"), SIZE, seed=0).batch(0, batch).to(device)
         self.st = None
         target, tracking = STATES[state]
         if target is not None:
@@ -80,22 +82,27 @@ class Case:
         self.times = {phase: [] for phase in PHASES}
 
     def step(self, times: dict) -> None:
-        model, x = self.model, self.x
+        model, x, sync = self.model, self.x, self.sync
+        sync()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
         out = model(x)
         bpp = sum(torch.log(p).sum() for p in out["likelihoods"].values()) / (-math.log(2) * x.numel() / 3)
         loss = 0.01 * 255**2 * torch.nn.functional.mse_loss(out["x_hat"], x) + bpp
+        sync()
         forward = time.perf_counter()
         loss.backward()
+        sync()
         backward = time.perf_counter()
         self.optimizer.step()
         model.aux_loss().backward()
         self.aux_optimizer.step()
+        sync()
         optimizer = time.perf_counter()
         if self.st is not None:
             self.st.step(loss)
+        sync()
         end = time.perf_counter()
         for phase, seconds in zip(
             PHASES, (forward - start, backward - forward, optimizer - backward, end - optimizer), strict=True
@@ -112,11 +119,12 @@ def launches(case: Case) -> int:
     return len(calls)
 
 
-def measure(steps: int) -> dict:
-    torch.set_num_threads(2)
+def measure(steps: int, device: str = "cpu", batch_scale: int = 1) -> dict:
+    if device == "cpu":
+        torch.set_num_threads(2)
     results = {}
     for arch in MODELS:
-        cases = {state: Case(arch, state) for state in STATES}
+        cases = {state: Case(arch, state, device, batch_scale) for state in STATES}
         for _ in range(steps):  # interleaved: one step of each case in turn
             for case in cases.values():
                 case.step(case.times)
@@ -133,16 +141,21 @@ def measure(steps: int) -> dict:
     return results
 
 
-def report(results: dict, steps: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        import cpuinfo  # py-cpuinfo, installed with pytest-benchmark
+def report(results: dict, steps: int, device: str = "cpu", batch_scale: int = 1) -> str:
+    if device == "cpu":
+        cpu = platform.processor() or platform.machine()
+        try:
+            import cpuinfo  # py-cpuinfo, installed with pytest-benchmark
 
-        cpu = cpuinfo.get_cpu_info().get("brand_raw", cpu)
-    except ImportError:
-        pass
+            cpu = cpuinfo.get_cpu_info().get("brand_raw", cpu)
+        except ImportError:
+            pass
+        where, command = f"{cpu}, 2 threads", "python bench/bench_step.py"
+    else:
+        where = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+        command = f"python bench/bench_step.py --device {device} --batch-scale {batch_scale}"
     lines = [
-        f"Training step, Adam, {cpu}, 2 threads, `python bench/bench_step.py`. Cases interleaved step by "
+        f"Training step, Adam, {where}, `{command}`. Cases interleaved step by "
         f"step in one process; means over {steps} steps ({steps // REFIT_INTERVAL} whole refit periods of "
         f"{REFIT_INTERVAL} steps). Times in ms; launches: stdet op calls in one step.",
         "",
@@ -152,6 +165,7 @@ def report(results: dict, steps: int) -> str:
     ]
     for (arch, state), row in results.items():
         (n, m), batch = MODELS[arch]
+        batch *= batch_scale
         plain = results[(arch, "plain")]["total"]
         label = f"{arch} N={n} M={m} ({batch}x3x{SIZE}x{SIZE})"
         stdet_ms = "-" if state == "plain" else f"{row['stdet']:.1f}"
@@ -169,18 +183,22 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=4 * REFIT_INTERVAL, help="timed steps per case")
     parser.add_argument("--quick", action="store_true", help="one refit period, results not written")
+    parser.add_argument("--device", default="cpu", help="cpu (the README's table) or cuda")
+    parser.add_argument("--batch-scale", type=int, default=1, help="multiply each model's batch")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     args = parser.parse_args()
     steps = REFIT_INTERVAL if args.quick else args.steps
     if steps % REFIT_INTERVAL:
         parser.error(f"--steps: expected a multiple of the refit interval, {REFIT_INTERVAL}")
-    results = measure(steps)
-    text = report(results, steps)
+    results = measure(steps, args.device, args.batch_scale)
+    text = report(results, steps, args.device, args.batch_scale)
     print(text)
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "step.md").write_text(text)
+        name = "step" if args.device == "cpu" else f"step_gpu_b{args.batch_scale}"
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{name}.md").write_text(text)
         rows = [{"arch": arch, "state": state, **row} for (arch, state), row in results.items()]
-        (RESULTS / "step.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (args.out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
