@@ -15,6 +15,9 @@ namespace {
 constexpr int kThreads = 256;
 // Elements per tile of the backward pass; each tile writes one partial sum per mode.
 constexpr int kTile = 1024;
+constexpr int kWarp = 32;
+// Threads of sum_partials_kernel: 32 warps, so one warp adds the warp sums.
+constexpr int kSumThreads = kWarp * kWarp;
 
 void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
@@ -59,9 +62,38 @@ __global__ void reconstruct_kernel(const scalar_t* __restrict__ value,
   }
 }
 
+// Sum over the warp by a fixed shuffle tree; lane 0 gets the total. All 32 lanes must call it.
+__device__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// The tile's partial sum of a * grad for every mode, by the whole block (blockDim.x a multiple of
+// 32): warp w takes modes w, w + num_warps, ...; lane l adds the mode's contributions at elements
+// l, l + 32, ... in that order, then warp_sum. A fixed order, so the same bits every run.
+// partials is mode-major, partials[m * num_tiles + tile], so that sum_partials_kernel reads it
+// coalesced; one block per tile, so num_tiles is gridDim.x. Ends the kernel: no barrier after it.
+template <int kElements>
+__device__ void write_tile_partials(const uint8_t* tile_code, const float* tile_contribution,
+                                    int num_modes, float* __restrict__ partials) {
+  const int lane = threadIdx.x % kWarp;
+  const int num_warps = blockDim.x / kWarp;
+  for (int m = threadIdx.x / kWarp; m < num_modes; m += num_warps) {
+    float sum = 0.0f;
+#pragma unroll 8
+    for (int j = lane; j < kElements; j += kWarp) {
+      sum += tile_code[j] == m ? tile_contribution[j] : 0.0f;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) partials[static_cast<int64_t>(m) * gridDim.x + blockIdx.x] = sum;
+  }
+}
+
 // One block per tile: dL/dvalue for the tile's elements, and the tile's partial sum of
-// a * grad for every mode. Thread t sums mode t (t + blockDim, ...) over the tile in element
-// order, so the partial sums do not depend on scheduling.
+// a * grad for every mode (write_tile_partials).
 template <typename scalar_t>
 __global__ void reconstruct_backward_kernel(const scalar_t* __restrict__ grad,
                                             const uint8_t* __restrict__ code,
@@ -86,21 +118,29 @@ __global__ void reconstruct_backward_kernel(const scalar_t* __restrict__ grad,
     tile_contribution[j] = contribution;
   }
   __syncthreads();
-  for (int m = threadIdx.x; m < num_modes; m += blockDim.x) {
-    float sum = 0.0f;
-    for (int j = 0; j < kTile; ++j) sum += tile_code[j] == m ? tile_contribution[j] : 0.0f;
-    partials[static_cast<int64_t>(blockIdx.x) * num_modes + m] = sum;
-  }
+  write_tile_partials<kTile>(tile_code, tile_contribution, num_modes, partials);
 }
 
-// grad_refs[m] = sum over tiles of partials[tile, m], tiles in order.
-__global__ void sum_partials_kernel(const float* __restrict__ partials, int64_t num_tiles,
-                                    int num_modes, float* __restrict__ grad_refs) {
-  const int m = blockIdx.x * blockDim.x + threadIdx.x;
-  if (m >= num_modes) return;
+// grad_refs[m] = sum over tiles of partials[m, tile]: one block of kSumThreads per mode. Thread t
+// adds tiles t, t + kSumThreads, ... in order (coalesced across the warp), then warp_sum and one
+// warp over the warp sums. Fixed block size and order, so the same bits every run.
+__global__ void __launch_bounds__(kSumThreads)
+    sum_partials_kernel(const float* __restrict__ partials, int64_t num_tiles,
+                        float* __restrict__ grad_refs) {
+  static_assert(kSumThreads == kWarp * kWarp, "one warp adds the warp sums");
+  __shared__ float warp_sums[kWarp];
+  const float* row = partials + static_cast<int64_t>(blockIdx.x) * num_tiles;
+  const int lane = threadIdx.x % kWarp;
   float sum = 0.0f;
-  for (int64_t t = 0; t < num_tiles; ++t) sum += partials[t * num_modes + m];
-  grad_refs[m] = sum;
+#pragma unroll 4
+  for (int64_t t = threadIdx.x; t < num_tiles; t += kSumThreads) sum += row[t];
+  sum = warp_sum(sum);
+  if (lane == 0) warp_sums[threadIdx.x / kWarp] = sum;
+  __syncthreads();
+  if (threadIdx.x < kWarp) {
+    sum = warp_sum(warp_sums[lane]);
+    if (lane == 0) grad_refs[blockIdx.x] = sum;
+  }
 }
 
 // One launch for a whole list of tensors: block k updates chunk chunk_offset[k] of tensor
@@ -180,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_backward(const at::Tensor& grad,
   at::Tensor grad_value = at::empty(grad.sizes(), grad.options());
   at::Tensor grad_refs = at::zeros({num_modes}, grad.options().dtype(at::kFloat));
   if (n == 0) return {grad_value, grad_refs.to(refs.scalar_type())};
-  at::Tensor partials = at::empty({num_tiles, std::max(num_modes, 1)}, grad_refs.options());
+  at::Tensor partials = at::empty({std::max(num_modes, 1), num_tiles}, grad_refs.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "reconstruct_backward", [&] {
@@ -190,8 +230,8 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_backward(const at::Tensor& grad,
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_modes > 0) {
-    sum_partials_kernel<<<(num_modes + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        partials.data_ptr<float>(), num_tiles, num_modes, grad_refs.data_ptr<float>());
+    sum_partials_kernel<<<num_modes, kSumThreads, 0, stream>>>(
+        partials.data_ptr<float>(), num_tiles, grad_refs.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {grad_value, grad_refs.to(refs.scalar_type())};
@@ -362,11 +402,7 @@ __global__ void reconstruct_compact_backward_kernel(const value_t* __restrict__ 
     tile_contribution[threadIdx.x * kItems + k] = contribution;
   }
   __syncthreads();
-  for (int m = threadIdx.x; m < num_modes; m += blockDim.x) {
-    float sum = 0.0f;
-    for (int j = 0; j < kCompactBlock; ++j) sum += tile_code[j] == m ? tile_contribution[j] : 0.0f;
-    partials[static_cast<int64_t>(blockIdx.x) * num_modes + m] = sum;
-  }
+  write_tile_partials<kCompactBlock>(tile_code, tile_contribution, num_modes, partials);
 }
 
 void check_compact(const at::Tensor& code, const at::Tensor& offsets, const at::Tensor& a,
@@ -458,7 +494,7 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
   at::Tensor grad_free = at::empty({n - a.numel()}, grad.options());
   at::Tensor grad_refs = at::zeros({num_modes}, grad.options().dtype(at::kFloat));
   if (n == 0) return {grad_free, grad_refs.to(refs.scalar_type())};
-  at::Tensor partials = at::empty({blocks, std::max(num_modes, 1)}, grad_refs.options());
+  at::Tensor partials = at::empty({std::max(num_modes, 1), blocks}, grad_refs.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "reconstruct_compact_backward", [&] {
@@ -481,8 +517,8 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_modes > 0) {
-    sum_partials_kernel<<<(num_modes + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        partials.data_ptr<float>(), blocks, num_modes, grad_refs.data_ptr<float>());
+    sum_partials_kernel<<<num_modes, kSumThreads, 0, stream>>>(
+        partials.data_ptr<float>(), blocks, grad_refs.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {grad_free, grad_refs.to(refs.scalar_type())};
