@@ -19,6 +19,9 @@ from .reference import COMPACT_BLOCK, DUMMY, FREE
 _FREE = tl.constexpr(FREE)
 _DUMMY = tl.constexpr(DUMMY)
 
+# Every launch passes enable_fp_fusion=False: the contract is the reference's float32 arithmetic, and a
+# compiled kernel would otherwise contract a * ref + b into one FMA (the CUDA backend builds with
+# --fmad=false for the same reason; an H100 run found the compact forward off by one ulp).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter costs about 1 ms per program: give each program more work there.
 BLOCK = 1 << 16 if INTERPRETED else 1024
@@ -160,6 +163,7 @@ def _launch_forward(value, code, a, b, refs, sma, alpha, with_average: bool) -> 
         refs.numel(),
         WITH_AVERAGE=with_average,
         BLOCK=BLOCK,
+        enable_fp_fusion=False,
     )
     return out
 
@@ -191,6 +195,7 @@ def reconstruct_backward(grad, code, a, refs) -> tuple[torch.Tensor, torch.Tenso
             num_modes,
             BLOCK=BLOCK,
             SUB_BLOCK=sub_block,
+            enable_fp_fusion=False,
             MODES_PAD=modes_pad,
         )
     grad_refs = partials[:, :num_modes].sum(dim=0)
@@ -238,6 +243,7 @@ def lerp_(averages: list[torch.Tensor], samples: list[torch.Tensor], alpha: floa
         float(alpha),
         DTYPE=_TL_DTYPES[averages[0].dtype],
         CHUNK=LERP_CHUNK,
+        enable_fp_fusion=False,
     )
 
 
@@ -362,6 +368,7 @@ def _launch_compact_forward(free_values, code, offsets, a, b, refs, sma, alpha, 
         refs.numel(),
         WITH_AVERAGE=with_average,
         BLOCK=COMPACT_BLOCK,
+        enable_fp_fusion=False,
     )
     return out
 
@@ -400,6 +407,7 @@ def _launch_compact_backward(
             n,
             num_modes,
             BLOCK=COMPACT_BLOCK,
+            enable_fp_fusion=False,
             MODES_PAD=triton.next_power_of_2(max(num_modes, 1)),
             WITH_SENSITIVITY=with_sensitivity,
             FISHER=bool(fisher),
