@@ -287,7 +287,7 @@ class STDET:
             ones, zeros = torch.ones(fit.num_modes), torch.zeros(fit.num_modes)
             self.layout.edit(fit.references, modes, a=ones, b=zeros, optimizer=self.optimizer)
         # From here on only the FREE elements' fits are kept.
-        self.refit = OnlineRefit(fit)
+        self.refit = OnlineRefit(fit).to(self.layout.free_values.device)
         self.refit.remap(torch.ones(self.elements, dtype=torch.bool), self._free_mask())
         if self.sma is not None:
             self.sma.references = self.references
@@ -311,12 +311,12 @@ class STDET:
         self.last_round = self.step_count
         if count <= 0 or free.numel() == 0:
             return
-        a, b, r2 = self.refit.coefficients()
+        a, b, r2, drift = (t.cpu() for t in (*self.refit.coefficients(), self.refit.drift()))
         plan = self.policy.choose(
             free,
             count,
             self._sensitivity(),
-            (a, b, r2, self.refit.drift()),
+            (a, b, r2, drift),
             self.layout.dense()[0].float().cpu(),  # the chosen elements are FREE: their values
             self.refs.detach().float().cpu(),
             self.mode,
@@ -452,7 +452,7 @@ class STDET:
         self.references, self.mode = state["references"], state["mode"]
         if self.phase == "warmup":
             self._attach(self.num_modes)
-        self.refit = OnlineRefit.from_state_dict(state["refit"])
+        self.refit = OnlineRefit.from_state_dict(state["refit"]).to(self.layout.free_values.device)
         if self.sma is not None:
             self.sma.references = self.references
         # The saved layout, so that the model's and the optimizer's state dicts fit; the values come
