@@ -13,7 +13,7 @@ DEPS := torch==2.14.1 torchvision==0.29.1 compressai==1.2.8 numpy scipy tqdm mat
 	pytest pytest-benchmark hypothesis expecttest ruff build ninja setuptools wheel
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*)
 
-.PHONY: demo install test bench study sweep wheel lint format clean
+.PHONY: demo install test bench study study-quick study-calibrate wheel lint format clean
 
 # Re-run when the Makefile (and so DEPS) changes; pip skips what is already installed.
 $(VENV)/.deps: Makefile
@@ -52,13 +52,19 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_sma.py
 	$(PY) bench/bench_step.py
 
-# Plain Adam against STDET over 3 seeds and 2 lambdas (runs/study, tables in bench/results/study.md).
+# The study (bench/study.py): Adam, Adam + EMA, STDET, STDET + SMA from scratch and in lambda
+# fine-tuning, 3 seeds x 4 lambdas, complete runs at 0.4-1.0 S (about 1.5 h on 2 cores; runs/study,
+# tables in bench/results/study.md). STUDY_ARGS passes flags, e.g. STUDY_ARGS=--jobs=1.
 study: $(VENV)/.installed
-	$(PY) bench/study.py
+	$(PY) bench/study.py $(STUDY_ARGS)
 
-# The defaults sweep: one STDET knob at a time on the study's setting (bench/results/sweep.md).
-sweep: $(VENV)/.installed
-	$(PY) bench/study.py --sweep
+# The screen (about 14 minutes): one seed, lambda 0.013, three EMA horizons (bench/results/study_quick.md).
+study-quick: $(VENV)/.installed
+	$(PY) bench/study.py --quick $(STUDY_ARGS)
+
+# The learning-rate calibration behind the study's LR (bench/results/study_calibration.md).
+study-calibrate: $(VENV)/.installed
+	$(PY) bench/study.py --calibrate $(STUDY_ARGS)
 
 wheel: $(VENV)/.deps
 	$(PY) -m build --wheel --no-isolation
