@@ -174,6 +174,14 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     add("--safety-window", type=int, default=s)
     add("--safety-tolerance", type=float, default=s)
     add("--safety-sigmas", type=float, default=s)
+    add("--max-drift", type=float, default=s)
+    add(
+        "--jump",
+        dest="continuity",
+        action="store_false",
+        default=s,
+        help="embed an element at its fitted line (CMD) instead of keeping its value",
+    )
     add("--sma-every", type=int, default=s, help="0 = no SMA")
     add("--sma-alpha", type=_sma_alpha, default=s, help="a number in (0, 1] or 'uniform'")
     add("--sma-mode", default=s, help="shadow or feedback")

@@ -112,6 +112,9 @@ class TrainConfig:
     safety_window: int = STDETConfig.safety_window
     safety_tolerance: float = STDETConfig.safety_tolerance
     safety_sigmas: float = STDETConfig.safety_sigmas
+    # None: STDETConfig's default (left out of run.toml, so older configurations read the same)
+    max_drift: float | None = None
+    continuity: bool | None = None
     sma_every: int = STDETConfig.sma_every
     sma_alpha: float = STDETConfig.sma_alpha
     sma_mode: str = STDETConfig.sma_mode
@@ -178,6 +181,8 @@ class TrainConfig:
         knobs += ("max_embedded", "protect", "min_r2", "safety_window", "safety_tolerance", "safety_sigmas")
         knobs += ("sma_every", "sma_alpha", "sma_mode")
         values = {name: getattr(self, name) for name in knobs}
+        values.update({name: getattr(self, name) for name in ("max_drift", "continuity")})
+        values = {name: value for name, value in values.items() if value is not None}
         try:
             return STDETConfig(**values, seed=self.seed)
         except ValueError as error:
