@@ -930,6 +930,138 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
+# Policy screens (issue 13, part 2): STDET variants on the quick plan's cell (lambda EXTRA_LAMBDA, seed
+# 0, budget S, both tracks), each against the quick plan's Adam run at S (the same configuration, so
+# cached after `--quick`). What a screen tests is written in its entry before it runs; its table goes to
+# bench/results/screen_<name>.md whatever it shows. A variant maps knobs to values; "warmup" is a
+# fraction of the budget.
+SCREENS = {
+    "schedule": (
+        "Hypothesis: the defaults' harm on the quick screen (+9.7% from scratch, +12.2% in fine-tuning, "
+        "live weights at S) comes from embedding too much too soon: a warm-up of S/5, then a round every "
+        "S/50 at rate 0.1 up to 90% embedded. If so, embedding later or less shrinks the harm, and some "
+        "variant ends within +0.5% of Adam at S. If no variant does, the harm is in how elements are "
+        "embedded (the fit, the jump, the tied training), not in how many or when.",
+        {
+            "defaults": {},
+            "max_embedded 0.5": {"max_embedded": 0.5},
+            "max_embedded 0.2": {"max_embedded": 0.2},
+            "warm-up S/2": {"warmup": 0.5},
+            "warm-up S/2, max_embedded 0.5": {"warmup": 0.5, "max_embedded": 0.5},
+            "embed_rate 0.05": {"embed_rate": 0.05},
+            "min_r2 0.99": {"min_r2": 0.99},
+            "safety_tolerance 0.005": {"safety_tolerance": 0.005},
+            # Added after the first eight ran (even 20% embedded cost +7.8% from scratch): does the
+            # attach alone (the layout, refs trained, nothing but the 10 references embedded) cost?
+            "attach only": {"max_embedded": 1e-9},
+        },
+    ),
+    "fit": (
+        "Written after `schedule`: with the attach alone harmless and the harm growing with the embedded "
+        "fraction, the question is how elements are embedded. A chosen element whose fit is poor (R^2 "
+        "below min_r2 = 0.9, or a, b moved by more than max_drift = 0.05 since the last round) is frozen "
+        "(DUMMY) rather than tied, and stricter min_r2 (0.99) made things worse: so most embedded "
+        "elements may be frozen, not tied to a reference. Hypothesis: tying (true embedding) instead of "
+        "freezing lets the model keep adapting and cuts the harm; the CMD jump to the fitted line "
+        "against continuity is tested on the same footing.",
+        {
+            "min_r2 0.5": {"min_r2": 0.5},
+            "min_r2 0": {"min_r2": 0.0},
+            "all tied (min_r2 0, any drift)": {"min_r2": 0.0, "max_drift": 1e9},
+            "all tied, CMD jump": {"min_r2": 0.0, "max_drift": 1e9, "continuity": False},
+            "CMD jump": {"continuity": False},
+        },
+    ),
+}
+
+
+def screen_runs(plan: Plan, out: Path, photos: Path, init: str, name: str) -> dict:
+    """name -> (meta, TrainConfig) of screen `name`'s STDET runs and the Adam runs they are judged by."""
+    _, variants = SCREENS[name]
+    steps, lmbda, alpha = plan.steps, plan.extra_lambda, plan.sma_alphas[0]
+    runs = {}
+    for track in TRACKS:
+        common = {
+            "method": "stdet",
+            "sma_every": plan.sma_every,
+            "sma_alpha": alpha,
+            "init": init if track == "finetune" else None,
+        }
+        adam = f"{track}/lambda{lmbda}/seed0/adam_sma{alpha}_b1.0"  # the quick plan's run: cached
+        runs[adam] = (
+            {"track": track, "variant": "Adam"},
+            train_config(
+                plan, out / adam, photos, steps, lmbda, 0, method="adam", sma_every=plan.sma_every,
+                sma_alpha=alpha, init=common["init"], eval_every=max(1, steps // 10),
+            ),
+        )  # fmt: skip
+        for variant, knobs in variants.items():
+            knobs = dict(knobs)
+            stdet = stdet_knobs(steps)
+            if "warmup" in knobs:
+                warmup = budget_steps(steps, knobs.pop("warmup"))
+                stdet.update(warmup_steps=warmup, snapshots=min(20, warmup))
+            slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in variant)
+            folder = f"screens/{name}/{slug}/{track}"
+            config = train_config(plan, out / folder, photos, steps, lmbda, 0, **common, **stdet, **knobs)
+            runs[folder] = ({"track": track, "variant": variant}, config)
+    return runs
+
+
+def screen(plan: Plan, out: Path, name: str, jobs: int, copy: bool) -> str:
+    """Run screen `name` and write its table: per variant and track, the final RD loss at S (live
+    weights and SMA average) against Adam's live weights at S, and the embedded fraction at the end."""
+    hypothesis, variants = SCREENS[name]
+    photos = eval_photos(out)
+    run_all({"pretrain": (pretrain_config(plan, out, photos), "", None)}, 1)
+    init = out / "pretrain" / "model.pth"
+    note = f"init sha256 {_sha256(init)}"
+    runs = screen_runs(plan, out, photos, str(init), name)
+    print(f"screen {name}: {len(runs)} runs, {jobs} at a time", flush=True)
+    done = run_all(
+        {
+            run: (config, note if meta["track"] == "finetune" else "", meta)
+            for run, (meta, config) in runs.items()
+        },
+        jobs,
+    )
+    results = {(meta["track"], meta["variant"]): done[run] for run, (meta, _) in runs.items()}
+    lines = [
+        f"# Policy screen `{name}`",
+        "",
+        f"{hypothesis}",
+        "",
+        f"Setting: the quick plan's cell ({plan.arch} N={plan.N} M={plan.M}, lambda "
+        f"{plan.extra_lambda}, seed 0, S = {plan.steps}, lr {LR:g} with the 10x drop at {DROP_AT:g} S, "
+        f"shadow SMA every {plan.sma_every} steps at alpha {plan.sma_alphas[0]:g}); STDET's step "
+        "counts scaled with S as in the study (warm-up S/5, a round every S/50), the other knobs the "
+        "library's defaults unless the variant says. Final eval RD loss with real entropy coding on "
+        "the held-out photos; change against Adam's live weights at S, same track. One seed: a lead, "
+        f"not a result. `python bench/study.py --screen {name}`.",
+        "",
+        "| variant | track | live weights | vs Adam | SMA average | vs Adam | embedded at end |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for variant in ["Adam", *variants]:
+        for track in TRACKS:
+            summary = results[track, variant]
+            adam = results[track, "Adam"]["live"]["rd_loss"]
+            live, average = summary["live"]["rd_loss"], summary["final_eval"]["rd_loss"]
+            trains = [r for r in summary["log"] if r["type"] == "train"]
+            embedded = 1.0 - trains[-1]["trainable_fraction"] if trains else 0.0
+            lines.append(
+                f"| {variant} | {track} | {live:.4f} | {_percent(live / adam - 1)} | {average:.4f} | "
+                f"{_percent(average / adam - 1)} | {embedded:.0%} |"
+            )
+    text = "\n".join(lines) + "\n"
+    (out / f"screen_{name}.md").write_text(text)
+    if copy:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"screen_{name}.md").write_text(text)
+    print(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -938,6 +1070,7 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="the screen: one seed, one lambda, 3 EMA horizons")
     mode.add_argument("--smoke", action="store_true", help="a tiny model and S = 20: checks the pipeline")
     parser.add_argument("--calibrate", action="store_true", help="the lr calibration instead of the study")
+    parser.add_argument("--screen", choices=sorted(SCREENS), help="a policy screen on the quick plan's cell")
     parser.add_argument("--estimate", action="store_true", help="measure s/step and print each plan's time")
     parser.add_argument("--out", default=None, help="default runs/study (runs/study_smoke for --smoke)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
@@ -950,7 +1083,9 @@ def main() -> None:
     plan = PLANS["quick" if args.quick else "smoke" if args.smoke else "full"]
     out = Path(args.out or ("runs/study_smoke" if args.smoke else "runs/study"))
     copy = not args.no_copy and not args.smoke
-    if args.estimate:
+    if args.screen:
+        screen(PLANS["smoke" if args.smoke else "quick"], out, args.screen, args.jobs, copy)
+    elif args.estimate:
         estimate(out, args.jobs)
     elif args.calibrate:
         calibrate(plan, out, args.jobs, copy)

@@ -73,6 +73,33 @@ def test_full_plan_runs_every_method_on_its_own_complete_schedule(tmp_path):
         assert (config.lr, config.lr_schedule, config.steps) == (lr, "constant", plan.steps)
 
 
+def test_policy_screens_judge_against_the_quick_plans_own_adam_runs(tmp_path):
+    """A screen's Adam runs must be the quick plan's (same folder, same configuration), so that they come
+    from its cache and every variant is judged against the same baseline; variants change only their
+    knobs."""
+    plan = study.PLANS["quick"]
+    quick = study.study_runs(plan, tmp_path, tmp_path, "init")
+    for name, (_, variants) in study.SCREENS.items():
+        runs = study.screen_runs(plan, tmp_path, tmp_path, "init", name)
+        adam = {run: config for run, (meta, config) in runs.items() if meta["variant"] == "Adam"}
+        assert len(adam) == len(study.TRACKS)
+        for run, config in adam.items():
+            assert config.to_toml() == quick[run][1].to_toml()
+        stdet = [(meta, config) for meta, config in runs.values() if meta["variant"] != "Adam"]
+        assert len(stdet) == len(variants) * len(study.TRACKS)
+        for meta, config in stdet:
+            assert config.method == "stdet" and config.steps == plan.steps
+            assert config.init == ("init" if meta["track"] == "finetune" else None)
+            knobs = variants[meta["variant"]]
+            if "warmup" in knobs:
+                assert config.warmup_steps == study.budget_steps(plan.steps, knobs["warmup"])
+            else:
+                assert config.warmup_steps == plan.steps // 5
+            for knob, value in knobs.items():
+                if knob != "warmup":
+                    assert getattr(config, knob) == value
+
+
 def test_quick_screen_runs_the_adam_cell_at_each_ema_horizon(tmp_path):
     plan = study.PLANS["quick"]
     assert plan.sma_alphas[0] == study.SMA_ALPHA
