@@ -972,6 +972,24 @@ SCREENS = {
             "CMD jump": {"continuity": False},
         },
     ),
+    "combine": (
+        "Written after `fit`: in fine-tuning, tying instead of freezing (+6.5%) and a later, smaller "
+        "embedding (warm-up S/2 with max 0.5: +1.3%) each cut the harm. Do they add up to no harm "
+        "(within +0.5%)? Also which elements stay free: the most sensitive half protected, and Fisher "
+        "(g^2) instead of Taylor (|g w|) sensitivity.",
+        {
+            "all tied, warm-up S/2": {"min_r2": 0.0, "max_drift": 1e9, "warmup": 0.5},
+            "all tied, warm-up S/2, max_embedded 0.5": {
+                "min_r2": 0.0,
+                "max_drift": 1e9,
+                "warmup": 0.5,
+                "max_embedded": 0.5,
+            },
+            "all tied, max_embedded 0.2": {"min_r2": 0.0, "max_drift": 1e9, "max_embedded": 0.2},
+            "protect 0.5": {"protect": 0.5},
+            "fisher sensitivity": {"sensitivity": "fisher"},
+        },
+    ),
 }
 
 

@@ -127,6 +127,7 @@ def test_config_round_trips_through_toml_and_rejects_bad_values() -> None:
         ({"quality": 9}, "--quality"),
         ({"metric": "ms-ssim", "patch_size": 64}, "--patch-size"),
         ({"max_drift": -1.0}, "--max-drift"),
+        ({"sensitivity": "magnitude"}, "--sensitivity"),
     ]:
         with pytest.raises(ValueError, match=f"^{flag}: "):
             replace(config, **change)
@@ -136,7 +137,7 @@ def test_optional_stdet_knobs_stay_out_of_older_configurations() -> None:
     """max_drift and continuity default to None (STDETConfig's defaults) and are left out of run.toml,
     so a configuration written before they existed reads, and caches, the same."""
     config = tiny(Path("runs/x"))
-    assert "max_drift" not in config.to_toml() and "continuity" not in config.to_toml()
+    assert all(knob not in config.to_toml() for knob in ("max_drift", "continuity", "sensitivity"))
     assert config.stdet_config().continuity and config.stdet_config().max_drift == 0.05
     jump = replace(config, continuity=False, max_drift=1.0)
     assert TrainConfig.from_dict(tomllib.loads(jump.to_toml())) == jump

@@ -175,6 +175,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     add("--safety-tolerance", type=float, default=s)
     add("--safety-sigmas", type=float, default=s)
     add("--max-drift", type=float, default=s)
+    add("--sensitivity", default=s, help="taylor (|g w|) or fisher (g^2): which elements stay free")
     add(
         "--jump",
         dest="continuity",

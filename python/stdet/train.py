@@ -115,6 +115,7 @@ class TrainConfig:
     # None: STDETConfig's default (left out of run.toml, so older configurations read the same)
     max_drift: float | None = None
     continuity: bool | None = None
+    sensitivity: str | None = None
     sma_every: int = STDETConfig.sma_every
     sma_alpha: float = STDETConfig.sma_alpha
     sma_mode: str = STDETConfig.sma_mode
@@ -181,7 +182,7 @@ class TrainConfig:
         knobs += ("max_embedded", "protect", "min_r2", "safety_window", "safety_tolerance", "safety_sigmas")
         knobs += ("sma_every", "sma_alpha", "sma_mode")
         values = {name: getattr(self, name) for name in knobs}
-        values.update({name: getattr(self, name) for name in ("max_drift", "continuity")})
+        values.update({name: getattr(self, name) for name in ("max_drift", "continuity", "sensitivity")})
         values = {name: value for name, value in values.items() if value is not None}
         try:
             return STDETConfig(**values, seed=self.seed)
