@@ -990,26 +990,42 @@ SCREENS = {
             "fisher sensitivity": {"sensitivity": "fisher"},
         },
     ),
+    "best": (
+        "Written after `combine`: its best fine-tuning variant (+0.5% on seed 0), on 3 seeds "
+        "(`--seeds 0 1 2`): does it hold, and how far is it from no harm (STDET + SMA at most Adam's, "
+        "STDET within +0.5%, medians over seeds)?",
+        {
+            "all tied, warm-up S/2, max_embedded 0.5": {
+                "min_r2": 0.0,
+                "max_drift": 1e9,
+                "warmup": 0.5,
+                "max_embedded": 0.5,
+            },
+        },
+    ),
 }
 
 
-def screen_runs(plan: Plan, out: Path, photos: Path, init: str, name: str) -> dict:
-    """name -> (meta, TrainConfig) of screen `name`'s STDET runs and the Adam runs they are judged by."""
+def screen_runs(
+    plan: Plan, out: Path, photos: Path, init: str, name: str, seeds: tuple[int, ...] = (0,)
+) -> dict:
+    """name -> (meta, TrainConfig) of screen `name`'s STDET runs and the Adam runs they are judged by
+    (the study's own Adam runs at S, so they are shared with its cache), for each of `seeds`."""
     _, variants = SCREENS[name]
     steps, lmbda, alpha = plan.steps, plan.extra_lambda, plan.sma_alphas[0]
     runs = {}
-    for track in TRACKS:
+    for track, seed in itertools.product(TRACKS, seeds):
         common = {
             "method": "stdet",
             "sma_every": plan.sma_every,
             "sma_alpha": alpha,
             "init": init if track == "finetune" else None,
         }
-        adam = f"{track}/lambda{lmbda}/seed0/adam_sma{alpha}_b1.0"  # the quick plan's run: cached
+        adam = f"{track}/lambda{lmbda}/seed{seed}/adam_sma{alpha}_b1.0"  # the study's run: cached
         runs[adam] = (
-            {"track": track, "variant": "Adam"},
+            {"track": track, "variant": "Adam", "seed": seed},
             train_config(
-                plan, out / adam, photos, steps, lmbda, 0, method="adam", sma_every=plan.sma_every,
+                plan, out / adam, photos, steps, lmbda, seed, method="adam", sma_every=plan.sma_every,
                 sma_alpha=alpha, init=common["init"], eval_every=max(1, steps // 10),
             ),
         )  # fmt: skip
@@ -1020,13 +1036,13 @@ def screen_runs(plan: Plan, out: Path, photos: Path, init: str, name: str) -> di
                 warmup = budget_steps(steps, knobs.pop("warmup"))
                 stdet.update(warmup_steps=warmup, snapshots=min(20, warmup))
             slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in variant)
-            folder = f"screens/{name}/{slug}/{track}"
-            config = train_config(plan, out / folder, photos, steps, lmbda, 0, **common, **stdet, **knobs)
-            runs[folder] = ({"track": track, "variant": variant}, config)
+            folder = f"screens/{name}/{slug}/{track}" + (f"_seed{seed}" if seed else "")
+            config = train_config(plan, out / folder, photos, steps, lmbda, seed, **common, **stdet, **knobs)
+            runs[folder] = ({"track": track, "variant": variant, "seed": seed}, config)
     return runs
 
 
-def screen(plan: Plan, out: Path, name: str, jobs: int, copy: bool) -> str:
+def screen(plan: Plan, out: Path, name: str, jobs: int, copy: bool, seeds: tuple[int, ...] = (0,)) -> str:
     """Run screen `name` and write its table: per variant and track, the final RD loss at S (live
     weights and SMA average) against Adam's live weights at S, and the embedded fraction at the end."""
     hypothesis, variants = SCREENS[name]
@@ -1034,7 +1050,7 @@ def screen(plan: Plan, out: Path, name: str, jobs: int, copy: bool) -> str:
     run_all({"pretrain": (pretrain_config(plan, out, photos), "", None)}, 1)
     init = out / "pretrain" / "model.pth"
     note = f"init sha256 {_sha256(init)}"
-    runs = screen_runs(plan, out, photos, str(init), name)
+    runs = screen_runs(plan, out, photos, str(init), name, seeds)
     print(f"screen {name}: {len(runs)} runs, {jobs} at a time", flush=True)
     done = run_all(
         {
@@ -1043,39 +1059,68 @@ def screen(plan: Plan, out: Path, name: str, jobs: int, copy: bool) -> str:
         },
         jobs,
     )
-    results = {(meta["track"], meta["variant"]): done[run] for run, (meta, _) in runs.items()}
+    results = {(meta["track"], meta["variant"], meta["seed"]): done[run] for run, (meta, _) in runs.items()}
+    several = len(seeds) > 1
     lines = [
         f"# Policy screen `{name}`",
         "",
         f"{hypothesis}",
         "",
         f"Setting: the quick plan's cell ({plan.arch} N={plan.N} M={plan.M}, lambda "
-        f"{plan.extra_lambda}, seed 0, S = {plan.steps}, lr {LR:g} with the 10x drop at {DROP_AT:g} S, "
+        f"{plan.extra_lambda}, seeds {', '.join(map(str, seeds))}, S = {plan.steps}, lr {LR:g} with "
+        f"the 10x drop at {DROP_AT:g} S, "
         f"shadow SMA every {plan.sma_every} steps at alpha {plan.sma_alphas[0]:g}); STDET's step "
         "counts scaled with S as in the study (warm-up S/5, a round every S/50), the other knobs the "
         "library's defaults unless the variant says. Final eval RD loss with real entropy coding on "
-        "the held-out photos; change against Adam's live weights at S, same track. One seed: a lead, "
-        f"not a result. `python bench/study.py --screen {name}`.",
+        "the held-out photos; change against Adam's live weights at S, same track and seed. "
+        + (
+            "Several seeds: each change per seed, then their median. "
+            if several
+            else "One seed: a lead, not a result. "
+        )
+        + f"`python bench/study.py --screen {name}"
+        + (f" --seeds {' '.join(map(str, seeds))}`." if several else "`."),
         "",
-        "| variant | track | live weights | vs Adam | SMA average | vs Adam | embedded at end |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    if several:
+        lines += [
+            "| variant | track | live vs Adam, per seed | median | SMA average vs Adam, per seed | median "
+            "| embedded at end |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+    else:
+        lines += [
+            "| variant | track | live weights | vs Adam | SMA average | vs Adam | embedded at end |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
     for variant in ["Adam", *variants]:
         for track in TRACKS:
-            summary = results[track, variant]
-            adam = results[track, "Adam"]["live"]["rd_loss"]
-            live, average = summary["live"]["rd_loss"], summary["final_eval"]["rd_loss"]
-            trains = [r for r in summary["log"] if r["type"] == "train"]
-            embedded = 1.0 - trains[-1]["trainable_fraction"] if trains else 0.0
-            lines.append(
-                f"| {variant} | {track} | {live:.4f} | {_percent(live / adam - 1)} | {average:.4f} | "
-                f"{_percent(average / adam - 1)} | {embedded:.0%} |"
-            )
+            live_change, average_change, embedded = [], [], []
+            for seed in seeds:
+                summary = results[track, variant, seed]
+                adam = results[track, "Adam", seed]["live"]["rd_loss"]
+                live, average = summary["live"]["rd_loss"], summary["final_eval"]["rd_loss"]
+                live_change.append(live / adam - 1)
+                average_change.append(average / adam - 1)
+                trains = [r for r in summary["log"] if r["type"] == "train"]
+                embedded.append(1.0 - trains[-1]["trainable_fraction"] if trains else 0.0)
+            if several:
+                lines.append(
+                    f"| {variant} | {track} | {' / '.join(map(_percent, live_change))} | "
+                    f"{_percent(median(live_change))} | {' / '.join(map(_percent, average_change))} | "
+                    f"{_percent(median(average_change))} | {' / '.join(f'{e:.0%}' for e in embedded)} |"
+                )
+            else:
+                lines.append(
+                    f"| {variant} | {track} | {live:.4f} | {_percent(live_change[0])} | {average:.4f} | "
+                    f"{_percent(average_change[0])} | {embedded[0]:.0%} |"
+                )
     text = "\n".join(lines) + "\n"
-    (out / f"screen_{name}.md").write_text(text)
+    stem = f"screen_{name}" + (f"_seeds{len(seeds)}" if several else "")
+    (out / f"{stem}.md").write_text(text)
     if copy:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"screen_{name}.md").write_text(text)
+        (RESULTS / f"{stem}.md").write_text(text)
     print(text)
     return text
 
@@ -1089,6 +1134,7 @@ def main() -> None:
     mode.add_argument("--smoke", action="store_true", help="a tiny model and S = 20: checks the pipeline")
     parser.add_argument("--calibrate", action="store_true", help="the lr calibration instead of the study")
     parser.add_argument("--screen", choices=sorted(SCREENS), help="a policy screen on the quick plan's cell")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="the screen's seeds (default 0)")
     parser.add_argument("--estimate", action="store_true", help="measure s/step and print each plan's time")
     parser.add_argument("--out", default=None, help="default runs/study (runs/study_smoke for --smoke)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
@@ -1102,7 +1148,9 @@ def main() -> None:
     out = Path(args.out or ("runs/study_smoke" if args.smoke else "runs/study"))
     copy = not args.no_copy and not args.smoke
     if args.screen:
-        screen(PLANS["smoke" if args.smoke else "quick"], out, args.screen, args.jobs, copy)
+        screen(
+            PLANS["smoke" if args.smoke else "quick"], out, args.screen, args.jobs, copy, tuple(args.seeds)
+        )
     elif args.estimate:
         estimate(out, args.jobs)
     elif args.calibrate:
