@@ -98,6 +98,14 @@ def test_policy_screens_judge_against_the_quick_plans_own_adam_runs(tmp_path):
             for knob, value in knobs.items():
                 if knob != "warmup":
                     assert getattr(config, knob) == value
+    # Over several seeds, each seed's Adam run is the full study's run of that seed.
+    full = study.study_runs(study.PLANS["full"], tmp_path, tmp_path, "init")
+    runs = study.screen_runs(plan, tmp_path, tmp_path, "init", "best", seeds=(0, 1, 2))
+    adam = {run: config for run, (meta, config) in runs.items() if meta["variant"] == "Adam"}
+    assert len(adam) == 3 * len(study.TRACKS)
+    for run, config in adam.items():
+        assert config.to_toml() == full[run][1].to_toml()
+    assert len({config.out for config in (c for _, c in runs.values())}) == len(runs)
 
 
 def test_quick_screen_runs_the_adam_cell_at_each_ema_horizon(tmp_path):
