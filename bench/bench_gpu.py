@@ -2,8 +2,8 @@
 the reference and a `copy_` of the same number of bytes, timed with CUDA events in one process.
 
 The training machines of our users are GPUs; this machine's CI has none, so this script is run by hand
-where one is lent (`python bench/bench_gpu.py`, writes bench/results/gpu_ops.{md,json}). Inputs as in
-bench_ops.py: float32, 10 modes, half the elements FREE, the rest embedded; bytes are each op's minimum
+where one is lent (`python bench/bench_gpu.py`, writes bench/results/gpu_ops.{md,json}). Inputs are
+bench_ops.py's: float32, 10 modes, half the elements FREE, the rest embedded; bytes are each op's minimum
 traffic (every input read once, every output written once). Time: median of `--repeats` timed calls
 after warm-up, each call timed alone between two events.
 """
@@ -13,14 +13,14 @@ import json
 import statistics
 from pathlib import Path
 
+import bench_ops  # bench/ is on sys.path: this script runs as `python bench/bench_gpu.py`
 import torch
 
 import stdet_kernels
-from stdet_kernels import FREE, reference
+from stdet_kernels import reference
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = (10**5, 10**6, 10**7, 10**8)
-NUM_MODES = 10
 PROVIDERS = ("cuda", "triton", "torch", "torch_compile", "copy")
 _compiled: dict[str, object] = {}
 # float32 is 4 bytes, code 1; compact ops read a, b and free values for their half of the elements.
@@ -35,19 +35,8 @@ BYTES_PER_ELEMENT = {
 
 
 def inputs(n: int, device: str) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    modes = torch.randint(0, NUM_MODES, (n,), generator=generator).to(torch.uint8)
-    free = torch.rand(n, generator=generator) < 0.5
-    x = {
-        "value": torch.randn(n, generator=generator),
-        "code": torch.where(free, FREE, modes).to(torch.uint8),
-        "a": torch.randn(n, generator=generator),
-        "b": torch.randn(n, generator=generator),
-        "refs": torch.randn(NUM_MODES, generator=generator),
-        "sma": torch.randn(n, generator=generator),
-        "grad": torch.randn(n, generator=generator),
-    }
-    x = {k: v.to(device) for k, v in x.items()}
+    """bench_ops' inputs on `device`, with their compact layout and a sensitivity."""
+    x = {k: v.to(device) for k, v in bench_ops._inputs(n).items()}
     free_values, offsets, a, b = stdet_kernels.pack(x["value"], x["code"], x["a"], x["b"])
     x.update(free_values=free_values, offsets=offsets, ca=a, cb=b)
     x["sensitivity"] = torch.rand(free_values.numel(), device=device)
