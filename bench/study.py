@@ -493,13 +493,13 @@ def run(config, note: str = "") -> dict:
 
 
 def run_all(items: dict, jobs: int) -> dict[str, dict]:
-    """Run `items` (name -> (TrainConfig, note, meta or None)), `jobs` processes at a time, the longest
+    """Run `items` (name -> (TrainConfig, note)), `jobs` processes at a time, the longest
     first; name -> `run`'s summary. A failed run does not stop the others; the first failure is raised
     once all have ended."""
     order = sorted(items, key=lambda name: -items[name][0].steps)
     results, failures = {}, []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(run, items[name][0], items[name][1]): name for name in order}
+        futures = {pool.submit(run, *items[name]): name for name in order}
         for count, future in enumerate(as_completed(futures), 1):
             name = futures[future]
             try:
@@ -549,23 +549,34 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def pretrained(plan: Plan, out: Path, photos: Path) -> tuple[dict, Path, str]:
+    """The fine-tuning track's starting model (trained once, then cached): its run's summary, its path,
+    and the note that keys every fine-tuning run's cache on its hash."""
+    summary = run_all({"pretrain": (pretrain_config(plan, out, photos), "")}, 1)["pretrain"]
+    init = out / "pretrain" / "model.pth"
+    return summary, init, f"init sha256 {_sha256(init)}"
+
+
+def run_tracks(runs: dict[str, tuple[dict, object]], note: str, jobs: int) -> dict[str, dict]:
+    """`run_all` of `runs` (name -> (meta, TrainConfig)), the fine-tuning ones keyed on `note`."""
+    return run_all(
+        {
+            name: (config, note if meta["track"] == "finetune" else "")
+            for name, (meta, config) in runs.items()
+        },
+        jobs,
+    )
+
+
 def study(plan: Plan, out: Path, jobs: int, copy: bool) -> dict:
     """The plan's study: the pretrained model, every run, the tables and the plots."""
     started = time.perf_counter()
     photos = eval_photos(out)
     print(f"study ({plan.name} plan): pretraining at lambda {PRETRAIN_LMBDA:g}", flush=True)
-    pretrain = run_all({"pretrain": (pretrain_config(plan, out, photos), "", None)}, 1)["pretrain"]
-    init = out / "pretrain" / "model.pth"
-    note = f"init sha256 {_sha256(init)}"
+    pretrain, init, note = pretrained(plan, out, photos)
     runs = study_runs(plan, out, photos, str(init))
     print(f"study ({plan.name} plan): {len(runs)} runs, {jobs} at a time", flush=True)
-    done = run_all(
-        {
-            name: (config, note if meta["track"] == "finetune" else "", meta)
-            for name, (meta, config) in runs.items()
-        },
-        jobs,
-    )
+    done = run_tracks(runs, note, jobs)
     records = [
         record
         for name, (meta, _) in runs.items()
@@ -610,7 +621,7 @@ def study(plan: Plan, out: Path, jobs: int, copy: bool) -> dict:
 def calibrate(plan: Plan, out: Path, jobs: int, copy: bool) -> float | None:
     photos = eval_photos(out)
     configs = calibration_runs(plan, out, photos)
-    done = run_all({lr: (config, "", None) for lr, config in configs.items()}, jobs)
+    done = run_all({lr: (config, "") for lr, config in configs.items()}, jobs)
     middle, end = budget_steps(plan.steps, 0.5), plan.steps
     curves = {lr: {int(step): loss for step, loss in summary["curve"]} for lr, summary in done.items()}
     chosen = calibrated_lr(curves, end)
@@ -1047,18 +1058,10 @@ def screen(plan: Plan, out: Path, name: str, jobs: int, copy: bool, seeds: tuple
     weights and SMA average) against Adam's live weights at S, and the embedded fraction at the end."""
     hypothesis, variants = SCREENS[name]
     photos = eval_photos(out)
-    run_all({"pretrain": (pretrain_config(plan, out, photos), "", None)}, 1)
-    init = out / "pretrain" / "model.pth"
-    note = f"init sha256 {_sha256(init)}"
+    _, init, note = pretrained(plan, out, photos)
     runs = screen_runs(plan, out, photos, str(init), name, seeds)
     print(f"screen {name}: {len(runs)} runs, {jobs} at a time", flush=True)
-    done = run_all(
-        {
-            run: (config, note if meta["track"] == "finetune" else "", meta)
-            for run, (meta, config) in runs.items()
-        },
-        jobs,
-    )
+    done = run_tracks(runs, note, jobs)
     results = {(meta["track"], meta["variant"], meta["seed"]): done[run] for run, (meta, _) in runs.items()}
     several = len(seeds) > 1
     lines = [
