@@ -1014,6 +1014,35 @@ SCREENS = {
             },
         },
     ),
+    "release": (
+        "Written after `best` (no policy did no harm: the harm grows with the embedded fraction and "
+        "stays at the end of the run). Hypothesis: the harm is made in the anneal, where a model held "
+        "to its modes cannot take the fine per-element steps of the low lr. If every embedded element "
+        "returns to FREE at the lr's drop (`release`, its Adam moments started from its tensor's "
+        "mean), the last 15% of the run trains the whole model and the harm shrinks to within +0.5% "
+        "(live weights); and restarting the SMA there (`sma_restart`) makes the average cover the "
+        "anneal only, so STDET + SMA ends at most at Adam's. If the harm stays, it is made in the "
+        "constant phase, and the anneal cannot undo it.",
+        {
+            "defaults, release": {"release": True},
+            "defaults, release, SMA restart": {"release": True, "sma_restart": True},
+            "all tied, release": {"min_r2": 0.0, "max_drift": 1e9, "release": True},
+            "all tied, release, SMA restart": {
+                "min_r2": 0.0,
+                "max_drift": 1e9,
+                "release": True,
+                "sma_restart": True,
+            },
+            "all tied, warm-up S/2, max_embedded 0.5, release, SMA restart": {
+                "min_r2": 0.0,
+                "max_drift": 1e9,
+                "warmup": 0.5,
+                "max_embedded": 0.5,
+                "release": True,
+                "sma_restart": True,
+            },
+        },
+    ),
 }
 
 

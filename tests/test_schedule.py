@@ -385,3 +385,83 @@ def test_sensitivity_is_tracked_in_the_window_before_each_round_only() -> None:
     st.step_count = 250  # in the window again: on, from zero
     st._track_sensitivity()
     assert st.layout.track_sensitivity == (0.9, "taylor") and st.layout.sensitivity.abs().sum() == 0
+
+
+def _train_with_drop(model, optimizer, st, steps: range, drop_at: int, losses=None) -> None:
+    """`_train` under a step schedule: the lr 10x lower from step `drop_at` (0-based) on."""
+    for step in steps:
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 if step < drop_at else 1e-4
+        _train(model, optimizer, st, range(step, step + 1), losses)
+
+
+def test_release_frees_every_element_at_the_lr_drop_keeping_values_and_typical_moments() -> None:
+    config = stdet.STDETConfig(**CONFIG, safety_tolerance=100.0, release=True, sma_every=2, sma_restart=True)
+    model, optimizer, st = _setup(config)
+    _train_with_drop(model, optimizer, st, range(39), drop_at=39)
+    assert st.phase == "embedding" and st.embedded_fraction() > 0.5
+    v_before = optimizer.state[st.layout.free_values]["exp_avg_sq"].clone()
+    was_free = st.layout.code == FREE
+    samples_before = st.sma.samples
+    _train_with_drop(model, optimizer, st, range(39, 40), drop_at=39)  # the first step at the low lr
+    assert st.phase == "released" and st.embedded_fraction() == 0.0
+    assert st.history[-1]["event"] == "released" and st.history[-1]["embedded_fraction"] > 0.5
+    assert torch.all(st.layout.code == FREE)
+    v = optimizer.state[st.layout.free_values]["exp_avg_sq"]
+    assert v.shape == (st.elements,) and v_before.shape == (int(was_free.sum()),)
+    # Each newly free element starts from its tensor's mean second moment over the elements that
+    # were free (the ones this step updated), not from Adam's zero.
+    for piece in (slice(p.start, p.stop) for p in st.slices):
+        free, new = was_free[piece], ~was_free[piece]
+        if bool(new.any()) and bool(free.any()):
+            expected = v[piece][free].mean()
+            assert torch.allclose(v[piece][new], expected.expand(int(new.sum())), rtol=1e-5)
+    assert bool((v[~was_free] > 0).all())
+    assert st.sma.samples == 0 and samples_before > 0
+    # Afterwards it is plain training of every element: no rounds, the weights all move.
+    mid = st.flat_weights()
+    _train_with_drop(model, optimizer, st, range(40, 52), drop_at=39)
+    assert not any(h["event"] == "round" and h["step"] > 40 for h in st.history)
+    assert bool(((st.flat_weights() - mid) != 0).float().mean() > 0.99)
+    assert st.sma.samples > 0
+
+
+def test_release_keeps_the_embedded_values_and_resumes_exactly() -> None:
+    config = stdet.STDETConfig(**CONFIG, safety_tolerance=100.0, release=True)
+    model, optimizer, st = _setup(config)
+    _train_with_drop(model, optimizer, st, range(39), drop_at=39)
+    embedded = st.layout.code != FREE
+    before = st.flat_weights()
+    st.layout.track_sensitivity = None
+    st._release()  # at a step boundary: no update in between
+    assert torch.equal(st.flat_weights(), before) and bool(embedded.any())
+
+    straight: list[float] = []
+    model, optimizer, st = _setup(config)
+    _train_with_drop(model, optimizer, st, range(50), drop_at=39, losses=straight)
+    resumed: list[float] = []
+    model, optimizer, st = _setup(config)
+    _train_with_drop(model, optimizer, st, range(44), drop_at=39, losses=resumed)
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+    model, optimizer, st = _setup(config)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"])
+    assert st.phase == "released"
+    _train_with_drop(model, optimizer, st, range(44, 50), drop_at=39, losses=resumed)
+    assert resumed == straight
+
+
+def test_an_lr_drop_in_the_warm_up_ends_stdet_before_it_attaches() -> None:
+    config = stdet.STDETConfig(**CONFIG, release=True)
+    model, optimizer, st = _setup(config)
+    _train_with_drop(model, optimizer, st, range(30), drop_at=10)
+    assert st.phase == "released" and not st.layout.attached and st.trainable_fraction() == 1.0
+    state = model.state_dict()
+    model, optimizer, st = _setup(config)
+    model.load_state_dict(state)
+    assert st.phase == "released" and not st.layout.attached

@@ -183,6 +183,18 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         default=s,
         help="embed an element at its fitted line (CMD) instead of keeping its value",
     )
+    add(
+        "--release",
+        action=argparse.BooleanOptionalAction,
+        default=s,
+        help="at the lr's drop every embedded element returns to FREE and embedding ends",
+    )
+    add(
+        "--sma-restart",
+        action=argparse.BooleanOptionalAction,
+        default=s,
+        help="with --release: the SMA average restarts there",
+    )
     add("--sma-every", type=int, default=s, help="0 = no SMA")
     add("--sma-alpha", type=_sma_alpha, default=s, help="a number in (0, 1] or 'uniform'")
     add("--sma-mode", default=s, help="shadow or feedback")

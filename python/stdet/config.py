@@ -34,6 +34,13 @@ class STDETConfig:
         of the two window means. The training loss of small random-crop batches is noisy: windows of
         20 steps differ by far more than 2% by chance, and the plain rule (``safety_sigmas=0``, as
         METHOD.md words it) then undoes rounds at random and halves the rate towards zero.
+    release: at the learning rate's drop (the optimizer's lr at most half the largest it has had: a
+        step decay, a plateau's cut, a cosine past its middle) every embedded element returns to FREE
+        with its current value and embedding ends, so the anneal trains the whole model. Embedding
+        saves work while the lr is high and the weights follow their modes; the fine steps of the
+        anneal are per-element work, and a model held to its modes there ends worse.
+    sma_restart: when `release` happens, the SMA's average restarts from the weights of that step
+        (its horizon then spans the anneal, not the constant phase before it).
     snapshot_dtype: storage dtype of the warm-up trajectories ("float32" or "float16").
     coefficient_dtype: storage dtype of the embedded elements' ``a, b`` ("bfloat16", the default,
         "float16" or "float32"). 16-bit halves their cost; in bench/bench_memory.py it changed the
@@ -62,6 +69,8 @@ class STDETConfig:
     safety_window: int = 20
     safety_tolerance: float = 0.02
     safety_sigmas: float = 2.0
+    release: bool = False
+    sma_restart: bool = False
     snapshot_dtype: str = "float32"
     coefficient_dtype: str = "bfloat16"
     include_gdn: bool = False

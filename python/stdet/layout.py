@@ -259,6 +259,39 @@ class FlatLayout(nn.Module):
                 dense[at] = update.to(dense) if isinstance(update, Tensor) else update
         self.repack(dense_value, new_code, dense_a, dense_b, optimizer)
 
+    @torch.no_grad()
+    def release_all(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Every element becomes FREE with its current value. The newly FREE elements' per-element
+        optimizer state starts from its tensor's mean over the elements that were FREE (each tensor's
+        typical second moment, rather than Adam's zero, whose first steps at a late step count are
+        several times the lr in size); a tensor with none FREE takes the mean over all."""
+        old_code = self.code.clone()
+        state = {} if optimizer is None else optimizer.state.get(self.free_values, {})
+        means = {
+            key: self._tensor_means(tensor, old_code)
+            for key, tensor in state.items()
+            if isinstance(tensor, Tensor) and tensor.dim() > 0 and tensor.numel() == self.free_count
+        }
+        value = self.weights().to(self.free_values.dtype)  # every element's current value
+        everything = torch.full_like(old_code, FREE)
+        zeros = torch.zeros_like(value)
+        self.repack(value, everything, zeros, zeros, optimizer)
+        newly_free = old_code != FREE
+        for key, dense_mean in means.items():
+            state[key][newly_free] = dense_mean[newly_free].to(state[key].dtype)
+
+    def _tensor_means(self, array: Tensor, code: Tensor) -> Tensor:
+        """Per element, the mean of `array` (indexed by FREE element) over its tensor's FREE elements."""
+        sizes = torch.tensor(self.sizes, device=array.device)
+        tensor_of = torch.repeat_interleave(torch.arange(len(self.sizes), device=array.device), sizes)
+        free_tensor = tensor_of[code.to(array.device) == FREE]
+        values = array.reshape(-1).float()
+        sums = torch.zeros(len(self.sizes), device=array.device).index_add_(0, free_tensor, values)
+        counts = torch.bincount(free_tensor, minlength=len(self.sizes))
+        overall = values.mean() if values.numel() else torch.zeros((), device=array.device)
+        means = torch.where(counts > 0, sums / counts.clamp(min=1), overall)
+        return means.repeat_interleave(sizes)
+
     def take_layout(self, code: Tensor, optimizer=None) -> None:
         """Lay the storage out for `code` (a saved layout) so that a saved state dict fits; the values
         themselves come with that state dict."""

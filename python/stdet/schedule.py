@@ -126,6 +126,7 @@ class STDET:
         self.references: torch.Tensor | None = None  # flat index of each mode's reference element
         self.mode: torch.Tensor | None = None  # (elements,) uint8: the mode each element follows
         self.refit: OnlineRefit | None = None  # a, b, R^2 of the FREE elements
+        self.peak_lr = 0.0  # the largest lr of the layout's param group so far (`release`)
         self.sma: SMA | None = None
         if self.config.sma_every:
             self.sma = SMA(model, self.config.sma_every, self.config.sma_alpha, self.config.sma_mode)
@@ -174,7 +175,7 @@ class STDET:
 
     def flat_weights(self) -> torch.Tensor:
         """Every embeddable element's current weight, flat, in the layout's order (float32, CPU)."""
-        if self.phase == "warmup":
+        if not self.layout.attached:
             return torch.cat(
                 [self.model.get_parameter(n).detach().reshape(-1).float().cpu() for n in self.names]
             )
@@ -185,13 +186,13 @@ class STDET:
 
     def trainable_fraction(self) -> float:
         """Trainable scalars (free elements plus one reference per mode) over embeddable elements."""
-        if self.phase == "warmup":
+        if not self.layout.attached:
             return 1.0
-        return (self.layout.free_count + self.num_modes) / self.elements
+        return min(1.0, (self.layout.free_count + self.num_modes) / self.elements)
 
     def embedded_fraction(self) -> float:
         """Elements that are not FREE (references included) over embeddable elements."""
-        return 0.0 if self.phase == "warmup" else self.layout.embedded_fraction()
+        return self.layout.embedded_fraction() if self.layout.attached else 0.0
 
     # ------------------------------------------------------------------------------------------
     # The training-loop hook
@@ -207,6 +208,11 @@ class STDET:
                 raise ValueError(f"loss: expected a finite number, got {value}")
             self.losses.append((self.step_count, value))
             del self.losses[: -4 * self.config.safety_window]
+        if self.phase == "released":
+            return
+        if self.config.release and self._lr_dropped():
+            self._release()
+            return
         if self.phase == "warmup":
             if self.step_count in self.record_steps and self.recorder is not None:
                 self.recorder.record()
@@ -222,6 +228,12 @@ class STDET:
         if self.pending is None and due and self.embedded_fraction() < self.config.max_embedded:
             self._round()
         self._track_sensitivity()
+
+    def _lr_dropped(self) -> bool:
+        """Whether the lr of the layout's param group is at most half the largest it has had."""
+        lr = float(self.optimizer.param_groups[self.group]["lr"])
+        self.peak_lr = max(self.peak_lr, lr)
+        return lr <= 0.5 * self.peak_lr
 
     @property
     def sensitivity_window(self) -> int:
@@ -295,6 +307,21 @@ class STDET:
         log.info("stdet: step %d: %d modes fitted, model attached", self.step_count, fit.num_modes)
         self.history.append({"step": self.step_count, "event": "attach", "modes": fit.num_modes})
         self._track_sensitivity()
+
+    def _release(self) -> None:
+        """The lr dropped: every element returns to FREE with its value and embedding ends (a round
+        waiting for its judgement is kept); the SMA restarts if `sma_restart`."""
+        embedded = self.embedded_fraction()
+        if self.layout.attached:
+            self.layout.release_all(self.optimizer)
+            self.layout.track_sensitivity = None
+            self.refit = None
+        self.recorder, self.pending, self.phase = None, None, "released"
+        if self.sma is not None and self.config.sma_restart:
+            self.sma.restart()
+        event = {"step": self.step_count, "event": "released", "embedded_fraction": embedded}
+        self.history.append(event)
+        log.info("stdet: step %d: the lr dropped: %.1f%% embedded released", self.step_count, 100 * embedded)
 
     def _sensitivity(self) -> torch.Tensor:
         """The FREE elements' sensitivity (FREE order, CPU); averaged over the ranks under DDP."""
@@ -403,6 +430,7 @@ class STDET:
             "step": self.step_count,
             "phase": self.phase,
             "rate": self.rate,
+            "peak_lr": self.peak_lr,
             "history": list(self.history),
             "losses": list(self.losses),
             "pending": self.pending,
@@ -434,12 +462,13 @@ class STDET:
                 "state: saved during the warm-up, but this model is attached already; load it into a "
                 "new model with a new STDET"
             )
-        if self.phase != "warmup" and state["references"].numel() != self.num_modes:
+        if self.layout.attached and state["references"] is not None and state["references"].numel() != self.num_modes:
             raise ValueError(
                 f"state: has {state['references'].numel()} modes, this STDET {self.num_modes}; load it "
                 "into a new model with a new STDET"
             )
         self.step_count, self.rate = state["step"], state["rate"]
+        self.peak_lr = state.get("peak_lr", 0.0)
         self.history, self.losses = list(state["history"]), [tuple(x) for x in state["losses"]]
         self.pending, self.last_round = state["pending"], state["last_round"]
         if self.sma is not None and state.get("sma") is not None:
@@ -450,9 +479,15 @@ class STDET:
             return
         self.recorder = None
         self.references, self.mode = state["references"], state["mode"]
+        if state["phase"] == "released" and state["references"] is None:  # released in the warm-up
+            self.phase = "released"
+            return
         if self.phase == "warmup":
             self._attach(self.num_modes)
-        self.refit = OnlineRefit.from_state_dict(state["refit"]).to(self.layout.free_values.device)
+        self.phase = state["phase"]
+        self.refit = None
+        if state["refit"] is not None:
+            self.refit = OnlineRefit.from_state_dict(state["refit"]).to(self.layout.free_values.device)
         if self.sma is not None:
             self.sma.references = self.references
         # The saved layout, so that the model's and the optimizer's state dicts fit; the values come

@@ -125,10 +125,16 @@ class SMA:
         layout = self._layout()
         if layout is not None:
             flat, first = self._flat_average(layout)
-            layout.pending_sample = (flat, 1.0 if first else alpha)
+            layout.pending_sample = (flat, 1.0 if first else alpha)  # alpha is 1 after a restart
         if self.mode == "feedback":
             self.flush()
             self._write_back()
+
+    def restart(self) -> None:
+        """Start the averages afresh: the next sample initialises them (a new horizon, e.g. at an
+        anneal's start; METHOD.md's SMA from a later start step)."""
+        self.flush()
+        self.samples = 0
 
     def flush(self) -> None:
         """Take a sample still waiting for a forward now (one fused reconstruction)."""

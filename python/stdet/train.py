@@ -116,6 +116,8 @@ class TrainConfig:
     max_drift: float | None = None
     continuity: bool | None = None
     sensitivity: str | None = None
+    release: bool | None = None
+    sma_restart: bool | None = None
     sma_every: int = STDETConfig.sma_every
     sma_alpha: float = STDETConfig.sma_alpha
     sma_mode: str = STDETConfig.sma_mode
@@ -182,7 +184,7 @@ class TrainConfig:
         knobs += ("max_embedded", "protect", "min_r2", "safety_window", "safety_tolerance", "safety_sigmas")
         knobs += ("sma_every", "sma_alpha", "sma_mode")
         values = {name: getattr(self, name) for name in knobs}
-        values.update({name: getattr(self, name) for name in ("max_drift", "continuity", "sensitivity")})
+        values.update({name: getattr(self, name) for name in ("max_drift", "continuity", "sensitivity", "release", "sma_restart")})
         values = {name: value for name, value in values.items() if value is not None}
         try:
             return STDETConfig(**values, seed=self.seed)
