@@ -442,7 +442,11 @@ def test_release_keeps_the_embedded_values_and_resumes_exactly() -> None:
     resumed: list[float] = []
     model, optimizer, st = _setup(config)
     _train_with_drop(model, optimizer, st, range(44), drop_at=39, losses=resumed)
-    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     buffer.seek(0)

@@ -462,7 +462,11 @@ class STDET:
                 "state: saved during the warm-up, but this model is attached already; load it into a "
                 "new model with a new STDET"
             )
-        if self.layout.attached and state["references"] is not None and state["references"].numel() != self.num_modes:
+        if (
+            self.layout.attached
+            and state["references"] is not None
+            and state["references"].numel() != self.num_modes
+        ):
             raise ValueError(
                 f"state: has {state['references'].numel()} modes, this STDET {self.num_modes}; load it "
                 "into a new model with a new STDET"

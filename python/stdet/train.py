@@ -184,7 +184,12 @@ class TrainConfig:
         knobs += ("max_embedded", "protect", "min_r2", "safety_window", "safety_tolerance", "safety_sigmas")
         knobs += ("sma_every", "sma_alpha", "sma_mode")
         values = {name: getattr(self, name) for name in knobs}
-        values.update({name: getattr(self, name) for name in ("max_drift", "continuity", "sensitivity", "release", "sma_restart")})
+        values.update(
+            {
+                name: getattr(self, name)
+                for name in ("max_drift", "continuity", "sensitivity", "release", "sma_restart")
+            }
+        )
         values = {name: value for name, value in values.items() if value is not None}
         try:
             return STDETConfig(**values, seed=self.seed)
