@@ -303,6 +303,35 @@ def test_eval_round_trips_a_checkpoint_with_real_entropy_coding(tmp_path, capsys
     assert "grace_hopper" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method", ["adam", "stdet"])
+def test_eval_live_codes_the_live_weights_beside_the_average_and_changes_no_step(tmp_path, method) -> None:
+    """With shadow SMA the loop's eval codes the average; eval_live adds the live weights' eval, which
+    must equal coding ``last.ckpt`` exported raw, and must leave the training itself alone."""
+    from stdet.data import bundled_images
+    from stdet.evaluate import evaluate
+    from stdet.export import read_plain_state_dict
+    from stdet.train import load_model
+
+    plain = tiny(tmp_path / "plain", method=method, sma_every=2)
+    both = replace(plain, out=str(tmp_path / "both"), eval_live=True)
+    assert "\neval_live =" not in plain.to_toml()
+    summary_plain, summary_both = train(plain), train(both)
+    assert "live_curve" not in summary_plain
+
+    def train_records(out: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in records(out, "train")]
+
+    assert train_records(tmp_path / "plain") == train_records(tmp_path / "both")
+    assert summary_both["curve"] == summary_plain["curve"]  # the average's, as without eval_live
+    assert [step for step, _ in summary_both["live_curve"]] == [6, 12]
+    live_weights, _ = read_plain_state_dict(tmp_path / "both" / "last.ckpt", raw=True)
+    coded = evaluate(load_model(both.arch, live_weights), bundled_images("eval"), both.metric, both.lmbda)
+    for key in ("bpp", "psnr", "rd_loss"):
+        assert summary_both["live_final_eval"][key] == pytest.approx(coded["mean"][key], rel=1e-4), key
+    assert summary_both["live_final_eval"] != summary_both["final_eval"]
+    assert records(tmp_path / "both", "eval")[-1]["live"]["rd_loss"] == summary_both["live_curve"][-1][1]
+
+
 def test_bd_rate_of_known_curves(tmp_path, capsys) -> None:
     from stdet.evaluate import bd_psnr, bd_rate
 

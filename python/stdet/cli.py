@@ -154,6 +154,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         default=s,
         help="steps between evaluations, 0 = at the end only (default 100)",
     )
+    add(
+        "--eval-live",
+        action="store_true",
+        default=s,
+        help="with shadow SMA, evaluate the live weights too (the eval records' live)",
+    )
     add("--log-every", type=int, default=s, help="steps between log records (default 10)")
     add("--checkpoint-every", type=int, default=s, help="steps between checkpoints (default 100)")
     add("--out", default=s, help="output folder (default runs/train)")

@@ -7,7 +7,8 @@ bottlenecks' ``quantiles`` minimising ``aux_loss()``, gradient-norm clipping. Ar
 - data: random crops of the bundled photos or of a folder (`stdet.data`), batch ``k`` a function of
   the seed and ``k`` only, so a resumed run sees exactly the batches the uninterrupted one would;
 - evaluation every ``eval_every`` steps on the eval images with real entropy coding
-  (`stdet.evaluate`), on the averaged weights when SMA runs in shadow mode;
+  (`stdet.evaluate`), on the averaged weights when SMA runs in shadow mode (``eval_live`` adds the
+  live weights' evaluation beside it);
 - files in ``out``: ``config.toml`` (the resolved configuration), ``log.jsonl`` (one record per
   logged step and per evaluation), ``last.ckpt`` (everything needed to continue, written atomically
   every ``checkpoint_every`` steps, at the end and on SIGINT/SIGTERM), ``model.pth`` (a plain
@@ -44,7 +45,16 @@ MS_SSIM_LAMBDAS = {1: 2.40, 2: 4.58, 3: 8.73, 4: 16.64, 5: 31.73, 6: 60.50, 7: 1
 CHECKPOINT_FORMAT = "stdet-train-2"  # 2: STDET's state inside the model's state dict
 LR_SCHEDULES = ("constant", "cosine", "step", "plateau")
 # Flags that may differ when a run is resumed (the rest must match the checkpoint's configuration).
-RESUME_MAY_CHANGE = ("steps", "out", "device", "eval_every", "log_every", "checkpoint_every", "progress")
+RESUME_MAY_CHANGE = (
+    "steps",
+    "out",
+    "device",
+    "eval_every",
+    "eval_live",
+    "log_every",
+    "checkpoint_every",
+    "progress",
+)
 
 
 def resolved_lmbda(metric: str, quality: int, lmbda: float | None = None) -> float:
@@ -93,6 +103,10 @@ class TrainConfig:
     data: str | None = None  # None: the bundled train photos
     eval_data: str | None = None  # None: the bundled eval photos
     eval_every: int = 100  # 0: evaluate only at the end
+    # With shadow SMA each evaluation codes the average; True also codes the live weights (the eval
+    # records' "live", the summary's "live_curve" and "live_final_eval"), so one run shows both.
+    # None: off, left out of run.toml (older configurations read, and cache, the same).
+    eval_live: bool | None = None
     log_every: int = 10
     checkpoint_every: int = 100
     out: str = "runs/train"
@@ -454,6 +468,8 @@ class Trainer:
         self.wall_s = 0.0
         self.curve: list[list[float]] = []
         self.final_eval: dict | None = None
+        self.live_curve: list[list[float]] = []
+        self.live_final_eval: dict | None = None
         if resume is not None:
             self._restore(resume)
         self._ddp = None
@@ -503,6 +519,8 @@ class Trainer:
         self.wall_s = checkpoint["wall_s"]
         self.curve = [list(point) for point in checkpoint["curve"]]
         self.final_eval = checkpoint.get("final_eval")
+        self.live_curve = [list(point) for point in checkpoint.get("live_curve", [])]
+        self.live_final_eval = checkpoint.get("live_final_eval")
 
     def checkpoint(self) -> None:
         """Rank 0 writes; every rank must call it (their generators' states are gathered)."""
@@ -525,6 +543,8 @@ class Trainer:
             "wall_s": self.wall_s,
             "curve": self.curve,
             "final_eval": self.final_eval,
+            "live_curve": self.live_curve,
+            "live_final_eval": self.live_final_eval,
         }
         _atomic_save(state, self.out / "last.ckpt")
 
@@ -605,14 +625,20 @@ class Trainer:
     def trainable_fraction(self) -> float:
         return 1.0 if self.stdet is None else self.stdet.trainable_fraction()
 
+    def averaging(self) -> bool:
+        """Whether `evaluate` codes an average: SMA in shadow mode with at least one sample."""
+        return self.sma is not None and self.sma.mode == "shadow" and bool(self.sma.samples)
+
     def evaluate(self) -> dict:
         """Eval images coded for real; with shadow SMA, with the averaged weights."""
-        if self.sma is not None and self.sma.mode == "shadow" and self.sma.samples:
+        if self.averaging():
             with self.sma.swap(update_entropy_models=True):
-                result = evaluate(self.model, self.eval_images, self.config.metric, self.lmbda, update=False)
-        else:
-            result = evaluate(self.model, self.eval_images, self.config.metric, self.lmbda)
-        return result
+                return evaluate(self.model, self.eval_images, self.config.metric, self.lmbda, update=False)
+        return self.evaluate_live()
+
+    def evaluate_live(self) -> dict:
+        """Eval images coded for real with the live weights (the CDF tables refreshed for them)."""
+        return evaluate(self.model, self.eval_images, self.config.metric, self.lmbda)
 
     # ------------------------------------------------------------------------------------------
 
@@ -699,12 +725,19 @@ class Trainer:
         return summary
 
     def _evaluate_and_log(self) -> None:
-        result = self.evaluate()
-        mean = result["mean"]
-        self.final_eval = {"bpp": mean["bpp"], "psnr": mean["psnr"], "rd_loss": mean["rd_loss"]}
+        averaged = self.averaging()
+        mean = self.evaluate()["mean"]
+        self.final_eval = {key: mean[key] for key in ("bpp", "psnr", "rd_loss")}
         if not self.curve or self.curve[-1][0] != self.step:
             self.curve.append([self.step, mean["rd_loss"]])
-        self._log({"type": "eval", "step": self.step, **mean})
+        record = {"type": "eval", "step": self.step, **mean}
+        if self.config.eval_live:
+            live = self.evaluate_live()["mean"] if averaged else mean
+            self.live_final_eval = {key: live[key] for key in ("bpp", "psnr", "rd_loss")}
+            if not self.live_curve or self.live_curve[-1][0] != self.step:
+                self.live_curve.append([self.step, live["rd_loss"]])
+            record["live"] = live
+        self._log(record)
 
     def _finish(self) -> dict:
         summary = {
@@ -716,6 +749,9 @@ class Trainer:
             "wall_s": self.wall_s,
             "peak_rss_mb": peak_rss_mb(),
         }
+        if self.config.eval_live:
+            summary["live_final_eval"] = self.live_final_eval
+            summary["live_curve"] = self.live_curve
         if self.rank == 0:
             torch.save(export_state_dict(self.model, self.sma), self.out / "model.pth")
             _atomic_write_text(json.dumps(summary, indent=2) + "\n", self.out / "summary.json")
