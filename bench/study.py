@@ -568,15 +568,21 @@ def run_tracks(runs: dict[str, tuple[dict, object]], note: str, jobs: int) -> di
     )
 
 
-def study(plan: Plan, out: Path, jobs: int, copy: bool) -> dict:
-    """The plan's study: the pretrained model, every run, the tables and the plots."""
+def study(plan: Plan, out: Path, jobs: int, copy: bool, only: str | None = None) -> dict | None:
+    """The plan's study: the pretrained model, every run, the tables and the plots. `only` ("adam" or
+    "stdet"): just that kind's runs, into the cache, and no report (the Adam runs do not depend on
+    STDET's policy, so they can run while it is being chosen)."""
     started = time.perf_counter()
     photos = eval_photos(out)
     print(f"study ({plan.name} plan): pretraining at lambda {PRETRAIN_LMBDA:g}", flush=True)
     pretrain, init, note = pretrained(plan, out, photos)
     runs = study_runs(plan, out, photos, str(init))
+    if only is not None:
+        runs = {name: run for name, run in runs.items() if run[0]["kind"] == only}
     print(f"study ({plan.name} plan): {len(runs)} runs, {jobs} at a time", flush=True)
     done = run_tracks(runs, note, jobs)
+    if only is not None:
+        return None
     records = [
         record
         for name, (meta, _) in runs.items()
@@ -1170,6 +1176,9 @@ def main() -> None:
     parser.add_argument("--estimate", action="store_true", help="measure s/step and print each plan's time")
     parser.add_argument("--out", default=None, help="default runs/study (runs/study_smoke for --smoke)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument(
+        "--only", choices=("adam", "stdet"), help="only that kind's runs (cache them; no report)"
+    )
     parser.add_argument("--no-copy", action="store_true", help="do not copy the tables into bench/results")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1188,7 +1197,7 @@ def main() -> None:
     elif args.calibrate:
         calibrate(plan, out, args.jobs, copy)
     else:
-        study(plan, out, args.jobs, copy)
+        study(plan, out, args.jobs, copy, args.only)
 
 
 if __name__ == "__main__":
