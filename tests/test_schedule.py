@@ -469,3 +469,172 @@ def test_an_lr_drop_in_the_warm_up_ends_stdet_before_it_attaches() -> None:
     model, optimizer, st = _setup(config)
     model.load_state_dict(state)
     assert st.phase == "released" and not st.layout.attached
+
+
+# ----------------------------------------------------------------------------------------------
+# Acceleration in mode space (`accelerate_every`)
+
+ACCELERATE = dict(CONFIG, safety_tolerance=100.0, accelerate_every=4)  # attach at 20: 24, 28, ...
+
+
+def _eval_probe(model: torch.nn.Module):
+    """The RD loss of one fixed batch with the model in eval mode (rounding, no noise): deterministic."""
+    x = _batch(10_000)
+
+    def probe() -> float:
+        model.eval()
+        try:
+            with torch.no_grad():
+                return float(_rd_loss(model, x))
+        finally:
+            model.train()
+
+    return probe
+
+
+def _setup_probed(config: stdet.STDETConfig, make_probe=_eval_probe):
+    torch.manual_seed(0)
+    model = FactorizedPrior(N=8, M=12)
+    parameters = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    optimizer = torch.optim.Adam(parameters, lr=1e-3)
+    return model, optimizer, stdet.STDET(model, optimizer, config, probe=make_probe(model))
+
+
+@pytest.mark.parametrize("free_r2", [None, 0.9], ids=["refs only", "well-fitted free elements too"])
+def test_accepted_accelerations_lower_the_probe_loss(free_r2) -> None:
+    config = stdet.STDETConfig(**ACCELERATE, accelerate_free_r2=free_r2)
+    model, optimizer, st = _setup_probed(config)
+    for step in range(40):
+        _train(model, optimizer, st, range(step, step + 1))
+        event = st.history[-1] if st.history else {}
+        if event.get("event") == "accelerate" and event["step"] == step + 1:
+            assert st.probe() == event["after"]  # the weights left behind are the ones judged
+    events = [h for h in st.history if h["event"] == "accelerate"]
+    assert [h["step"] for h in events] == [24, 28, 32, 36, 40]
+    assert any(h["accepted"] for h in events), events
+    for h in events:
+        if h["accepted"]:
+            assert h["after"] < h["before"] and h["horizon"] in (4.0, 2.0) and h["after"] == h["tried"][-1][1]
+        else:
+            assert h["horizon"] == 0.0 and len(h["tried"]) == 2 and h["after"] == h["before"]
+            assert all(loss >= h["before"] for _, loss in h["tried"])
+
+
+def test_an_acceleration_moves_only_the_references_unless_asked() -> None:
+    for free_r2, free_moves in ((None, False), (0.0, True)):
+        model, optimizer, st = _setup_probed(
+            stdet.STDETConfig(**ACCELERATE, accelerate_free_r2=free_r2), lambda model: lambda: 0.0
+        )
+        _train(model, optimizer, st, range(23))
+        refs, free = st.refs.detach().clone(), st.layout.free_values.detach().clone()
+        st.trajectory.record(st.refs)
+        st.probe = iter([1.0, 0.5]).__next__  # the current loss, then the first proposal's: accepted
+        st._accelerate()
+        assert st.history[-1]["accepted"] and st.history[-1]["horizon"] == 4.0
+        assert not torch.equal(st.refs.detach(), refs)
+        assert torch.equal(st.layout.free_values.detach(), free) != free_moves
+
+
+def test_a_probe_that_always_says_worse_leaves_every_weight_bit_identical() -> None:
+    """The probe runs real forwards (eval mode) but reports each proposal as worse: the run, SMA
+    average and optimizer state included, is the run without acceleration, bit for bit."""
+
+    def worse_every_time(model: torch.nn.Module):
+        forward, calls = _eval_probe(model), [0]
+
+        def probe() -> float:
+            forward()
+            calls[0] += 1
+            return float(calls[0])
+
+        return probe
+
+    runs = []
+    for accelerate_every in (0, 4):
+        config = stdet.STDETConfig(
+            **{**ACCELERATE, "accelerate_every": accelerate_every}, accelerate_free_r2=0.0, sma_every=1
+        )
+        model, optimizer, st = _setup_probed(config, worse_every_time)
+        losses: list[float] = []
+        _train(model, optimizer, st, range(41), losses)
+        st.sma.flush()
+        moments = optimizer.state[st.layout.free_values]
+        runs.append(
+            (losses, st.flat_weights(), st.refs.detach(), st.sma._flat, moments["exp_avg_sq"], st.history)
+        )
+    (losses, weights, refs, average, moments, history), accelerated = runs
+    events = [h for h in accelerated[-1] if h["event"] == "accelerate"]
+    assert len(events) == 5 and not any(h["accepted"] for h in events)
+    assert accelerated[0] == losses
+    for ours, theirs in zip((weights, refs, average, moments), accelerated[1:5], strict=True):
+        assert torch.equal(ours, theirs)
+    assert [h for h in accelerated[-1] if h["event"] != "accelerate"] == history
+
+
+def test_resumed_run_with_acceleration_matches_the_uninterrupted_one() -> None:
+    config = stdet.STDETConfig(**ACCELERATE, accelerate_free_r2=0.9)
+    model, optimizer, st = _setup_probed(config)
+    straight: list[float] = []
+    _train(model, optimizer, st, range(41), straight)
+    straight_history = st.history
+
+    model, optimizer, st = _setup_probed(config)
+    resumed: list[float] = []
+    _train(model, optimizer, st, range(27), resumed)  # mid-window: 25, 26, 27 recorded
+    assert st.trajectory.count == 3
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+    model, optimizer, st = _setup_probed(config)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"])
+    assert st.trajectory.count == 3
+    _train(model, optimizer, st, range(27, 41), resumed)
+    assert resumed == straight
+    assert st.history == straight_history
+    assert any(h["event"] == "accelerate" and h["accepted"] for h in st.history)
+
+
+def test_acceleration_is_off_by_default_and_asks_for_a_probe() -> None:
+    from stdet.train import TrainConfig
+
+    defaults = stdet.STDETConfig()
+    assert (defaults.accelerate_every, defaults.accelerate_horizon, defaults.accelerate_free_r2) == (
+        0,
+        None,
+        None,
+    )
+    assert "accelerate" not in TrainConfig().to_toml()
+    assert TrainConfig().stdet_config() == stdet.STDETConfig(seed=0)
+
+    def never(model: torch.nn.Module):
+        def probe() -> float:
+            raise AssertionError("the probe was called with acceleration off")
+
+        return probe
+
+    model, optimizer, st = _setup_probed(stdet.STDETConfig(**CONFIG), never)
+    plain: list[float] = []
+    _train(model, optimizer, st, range(30), plain)
+    assert st.trajectory is None and st.state_dict()["trajectory"] is None
+    assert not any(h["event"] == "accelerate" for h in st.history)
+    model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG))
+    without_probe: list[float] = []
+    _train(model, optimizer, st, range(30), without_probe)
+    assert plain == without_probe
+
+    with pytest.raises(ValueError, match="^probe: config.accelerate_every=4 needs a probe"):
+        _setup(stdet.STDETConfig(**ACCELERATE))
+    with pytest.raises(ValueError, match="^accelerate_every: "):
+        stdet.STDETConfig(accelerate_every=1)
+    with pytest.raises(ValueError, match="^accelerate_horizon: "):
+        stdet.STDETConfig(accelerate_horizon=0)
+    with pytest.raises(ValueError, match="^accelerate_free_r2: "):
+        stdet.STDETConfig(accelerate_free_r2=1.5)

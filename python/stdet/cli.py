@@ -201,6 +201,26 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         default=s,
         help="with --release: the SMA average restarts there",
     )
+    add(
+        "--accelerate-every",
+        type=int,
+        default=s,
+        help="every this many steps after the warm-up, extrapolate the references along their fitted "
+        "lines, kept only if a fixed probe batch's loss drops (0 = off, the default)",
+    )
+    add(
+        "--accelerate-horizon",
+        type=float,
+        default=s,
+        help="steps ahead the references are extrapolated (default: --accelerate-every)",
+    )
+    add(
+        "--accelerate-free-r2",
+        type=float,
+        default=s,
+        help="also move the FREE elements whose fit on their reference has R^2 >= this, by a times "
+        "its move (default: the references alone)",
+    )
     add("--sma-every", type=int, default=s, help="0 = no SMA")
     add("--sma-alpha", type=_sma_alpha, default=s, help="a number in (0, 1] or 'uniform'")
     add("--sma-mode", default=s, help="shadow or feedback")

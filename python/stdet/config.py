@@ -41,6 +41,16 @@ class STDETConfig:
         anneal are per-element work, and a model held to its modes there ends worse.
     sma_restart: when `release` happens, the SMA's average restarts from the weights of that step
         (its horizon then spans the anneal, not the constant phase before it).
+    accelerate_every: every this many steps of the embedding phase, extrapolate the references along
+        the least-squares line of their values since the last time (METHOD.md, "Beyond the paper":
+        the model lives mostly in the M references then, a low-dimensional trajectory as in P-BFGS /
+        DLDR) and keep the move only if the caller's probe loss drops (`STDET`'s ``probe``); else
+        half the move, else none. 0 (the default) turns it off; else an integer >= 2 (a line needs
+        two points).
+    accelerate_horizon: steps ahead the references are extrapolated; None: `accelerate_every`.
+    accelerate_free_r2: None (the default) moves the references alone; a fraction r also moves every
+        FREE element whose online fit on its reference explains at least r of its trajectory
+        (R^2 >= r) by ``a`` times its reference's move: the whole model along its modes.
     snapshot_dtype: storage dtype of the warm-up trajectories ("float32" or "float16").
     coefficient_dtype: storage dtype of the embedded elements' ``a, b`` ("bfloat16", the default,
         "float16" or "float32"). 16-bit halves their cost; in bench/bench_memory.py it changed the
@@ -71,6 +81,9 @@ class STDETConfig:
     safety_sigmas: float = 2.0
     release: bool = False
     sma_restart: bool = False
+    accelerate_every: int = 0
+    accelerate_horizon: float | None = None
+    accelerate_free_r2: float | None = None
     snapshot_dtype: str = "float32"
     coefficient_dtype: str = "bfloat16"
     include_gdn: bool = False
@@ -129,6 +142,28 @@ class STDETConfig:
             "safety_sigmas",
             isinstance(self.safety_sigmas, (int, float)) and self.safety_sigmas >= 0,
             "a number >= 0",
+        )
+        require(
+            "accelerate_every",
+            is_int(self.accelerate_every) and (self.accelerate_every == 0 or self.accelerate_every >= 2),
+            "0 (off) or an integer >= 2",
+        )
+        require(
+            "accelerate_horizon",
+            self.accelerate_horizon is None
+            or (
+                isinstance(self.accelerate_horizon, (int, float))
+                and not isinstance(self.accelerate_horizon, bool)
+                and math.isfinite(self.accelerate_horizon)
+                and self.accelerate_horizon > 0
+            ),
+            "None or a number of steps > 0",
+        )
+        require(
+            "accelerate_free_r2",
+            self.accelerate_free_r2 is None
+            or (not isinstance(self.accelerate_free_r2, bool) and is_fraction(self.accelerate_free_r2)),
+            "None or a fraction in [0, 1]",
         )
         require("sma_every", is_int(self.sma_every) and self.sma_every >= 0, "an integer >= 0")
         require("sma_mode", self.sma_mode in ("shadow", "feedback"), "'shadow' or 'feedback'")

@@ -30,6 +30,11 @@ and ``refs`` join the optimizer's param group of the network's weights, so whate
 learning-rate scheduler does to that group (created before STDET attaches or not, decayed already or
 not) it does to them.
 
+Optionally (``accelerate_every``, off by default) the references are moved along the least-squares
+line of their recent values every few steps of the embedding phase (`stdet.accelerate`), judged by a
+``probe``: a callable the caller supplies that returns a fixed batch's loss, deterministically. A move
+that does not lower it is halved once, then undone exactly; each decision is logged in `history`.
+
 Under torch.distributed (DistributedDataParallel, several ranks) the modes are fitted once, on rank 0,
 and broadcast, and the loss given to `step` is averaged over the ranks; gradients being all-reduced,
 the sensitivities (averaged over the ranks before each round, each rank's backward seeing its own
@@ -38,6 +43,7 @@ share of the batch) and so every round's choices are the same on every rank.
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -45,6 +51,7 @@ from torch import nn
 
 from stdet_kernels import FREE
 
+from .accelerate import RefTrajectory
 from .config import STDETConfig
 from .layout import FlatLayout
 from .modes import OnlineRefit, fit_modes
@@ -86,14 +93,29 @@ _GROUP_SETTINGS_IGNORED = ("params", "initial_lr")
 
 
 class STDET:
-    """Runs STDET on `model`, whose parameters `optimizer` updates. See the module docstring."""
+    """Runs STDET on `model`, whose parameters `optimizer` updates. See the module docstring.
+
+    `probe` (needed by ``config.accelerate_every``, unused otherwise): returns the loss of a fixed
+    batch as a float, the same number for the same weights (e.g. the model in eval mode, so no
+    quantization noise); STDET calls it without gradients, to judge each acceleration.
+    """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, config: STDETConfig | None = None
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: STDETConfig | None = None,
+        probe: Callable[[], float] | None = None,
     ) -> None:
         self.config = config or STDETConfig()
         if not isinstance(self.config, STDETConfig):
             raise TypeError(f"config: expected a stdet.STDETConfig, got {type(self.config).__name__}")
+        if self.config.accelerate_every and not callable(probe):
+            raise ValueError(
+                f"probe: config.accelerate_every={self.config.accelerate_every} needs a probe, a callable "
+                f"returning a fixed batch's loss; got {probe!r}"
+            )
+        self.probe = probe
         self.model = model
         self.optimizer = optimizer
         if parametrized_tensors(model) or flat_layout(model) is not None:
@@ -127,6 +149,7 @@ class STDET:
         self.mode: torch.Tensor | None = None  # (elements,) uint8: the mode each element follows
         self.refit: OnlineRefit | None = None  # a, b, R^2 of the FREE elements
         self.peak_lr = 0.0  # the largest lr of the layout's param group so far (`release`)
+        self.trajectory: RefTrajectory | None = None  # refs since the last acceleration
         self.sma: SMA | None = None
         if self.config.sma_every:
             self.sma = SMA(model, self.config.sma_every, self.config.sma_alpha, self.config.sma_mode)
@@ -227,6 +250,10 @@ class STDET:
         due = self.step_count - self.last_round >= self.config.embed_every
         if self.pending is None and due and self.embedded_fraction() < self.config.max_embedded:
             self._round()
+        if self.trajectory is not None:
+            self.trajectory.record(self.refs)
+            if self.trajectory.count >= self.config.accelerate_every:
+                self._accelerate()
         self._track_sensitivity()
 
     def _lr_dropped(self) -> bool:
@@ -303,6 +330,8 @@ class STDET:
         self.refit.remap(torch.ones(self.elements, dtype=torch.bool), self._free_mask())
         if self.sma is not None:
             self.sma.references = self.references
+        if self.config.accelerate_every:
+            self.trajectory = RefTrajectory(self.config.accelerate_every, self.refs)
         self.last_round = self.step_count
         log.info("stdet: step %d: %d modes fitted, model attached", self.step_count, fit.num_modes)
         self.history.append({"step": self.step_count, "event": "attach", "modes": fit.num_modes})
@@ -316,7 +345,7 @@ class STDET:
             self.layout.release_all(self.optimizer)
             self.layout.track_sensitivity = None
             self.refit = None
-        self.recorder, self.pending, self.phase = None, None, "released"
+        self.recorder, self.pending, self.trajectory, self.phase = None, None, None, "released"
         if self.sma is not None and self.config.sma_restart:
             self.sma.restart()
         event = {"step": self.step_count, "event": "released", "embedded_fraction": embedded}
@@ -417,6 +446,84 @@ class STDET:
         log.warning("stdet: embedding round undone: %s", decision)
 
     # ------------------------------------------------------------------------------------------
+    # Acceleration in mode space
+
+    def _accelerate(self) -> None:
+        """Move the references `accelerate_horizon` steps ahead along their fitted lines (and, with
+        `accelerate_free_r2`, the well-fitted FREE elements with them); keep the move if the probe
+        loss drops, else try half of it, else put every value back exactly. Adam's moments stay."""
+        config = self.config
+        slope = self.trajectory.slope()
+        self.trajectory.clear()
+        horizon = float(config.accelerate_horizon or config.accelerate_every)
+        refs, free_values = self.refs, self.layout.free_values
+        start_refs = refs.detach().clone()
+        start_free = follow = None
+        if config.accelerate_free_r2 is not None and free_values.numel():
+            a, _, r2 = self.refit.coefficients()
+            # Per FREE element: how far it moves per unit of its reference's move.
+            follow = (torch.where(r2 >= config.accelerate_free_r2, a, 0.0), self.refit.mode.long())
+            start_free = free_values.detach().clone()
+        # An SMA sample waiting for the next forward is of the weights training goes on from: the
+        # probe's forwards must not take it.
+        pending_sample, self.layout.pending_sample = self.layout.pending_sample, None
+        before = self._probe_loss()
+        tried, accepted = [], 0.0
+        for ahead in (horizon, horizon / 2):
+            move = slope * ahead
+            self._move_along_modes(start_refs, move, start_free, follow)
+            loss = self._probe_loss()
+            tried.append([ahead, loss])
+            if loss < before:
+                accepted = ahead
+                break
+        else:
+            self._move_along_modes(start_refs, None, start_free, follow)
+        self.layout.pending_sample = pending_sample
+        event = {
+            "step": self.step_count,
+            "event": "accelerate",
+            "accepted": accepted > 0,
+            "horizon": accepted,
+            "before": before,
+            "after": tried[-1][1] if accepted else before,
+            "tried": tried,
+            "move": float(slope.abs().max() * accepted) if accepted else 0.0,
+        }
+        self.history.append(event)
+        log.info("stdet: %s", event)
+
+    @torch.no_grad()
+    def _move_along_modes(
+        self,
+        start_refs: torch.Tensor,
+        move: torch.Tensor | None,
+        start_free: torch.Tensor | None,
+        follow: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> None:
+        """refs = start + `move` (None: the start, bit for bit); FREE values likewise by ``a * move``
+        of their reference where `follow` = (a or 0, mode) says."""
+        refs, free_values = self.refs, self.layout.free_values
+        if move is None:
+            refs.copy_(start_refs)
+        else:
+            refs.copy_((start_refs.double() + move).to(refs.dtype))
+        if start_free is None:
+            return
+        if move is None:
+            free_values.copy_(start_free)
+        else:
+            a, mode = follow
+            free_values.copy_((start_free + a * move.to(a.dtype)[mode]).to(free_values.dtype))
+
+    def _probe_loss(self) -> float:
+        """The caller's probe loss (without gradients; averaged over the ranks, so that every rank
+        takes the same decision); NaN counts as worse than anything."""
+        with torch.no_grad():
+            value = float(self.probe())
+        return _mean_over_ranks(value)
+
+    # ------------------------------------------------------------------------------------------
     # Checkpoints
 
     def state_dict(self) -> dict:
@@ -444,6 +551,7 @@ class STDET:
             "code": self.layout.code.clone() if self.layout.attached else None,
             "track_sensitivity": self.layout.track_sensitivity,
             "sma": None if self.sma is None else self.sma.state_dict(),
+            "trajectory": None if self.trajectory is None else self.trajectory.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -494,6 +602,11 @@ class STDET:
             self.refit = OnlineRefit.from_state_dict(state["refit"]).to(self.layout.free_values.device)
         if self.sma is not None:
             self.sma.references = self.references
+        self.trajectory = None
+        if self.config.accelerate_every and self.phase == "embedding":
+            self.trajectory = RefTrajectory(self.config.accelerate_every, self.refs)
+            if state.get("trajectory") is not None:
+                self.trajectory.load_state_dict(state["trajectory"])
         # The saved layout, so that the model's and the optimizer's state dicts fit; the values come
         # with the model's state dict.
         self.layout.take_layout(state["code"], self.optimizer)

@@ -45,6 +45,8 @@ MS_SSIM_LAMBDAS = {1: 2.40, 2: 4.58, 3: 8.73, 4: 16.64, 5: 31.73, 6: 60.50, 7: 1
 CHECKPOINT_FORMAT = "stdet-train-2"  # 2: STDET's state inside the model's state dict
 LR_SCHEDULES = ("constant", "cosine", "step", "plateau")
 # Flags that may differ when a run is resumed (the rest must match the checkpoint's configuration).
+# The probe batch's crops come from seed + this: no training batch's generator (seed * 1_000_003 + step).
+PROBE_SEED_OFFSET = 7919
 RESUME_MAY_CHANGE = (
     "steps",
     "out",
@@ -132,6 +134,9 @@ class TrainConfig:
     sensitivity: str | None = None
     release: bool | None = None
     sma_restart: bool | None = None
+    accelerate_every: int | None = None
+    accelerate_horizon: float | None = None
+    accelerate_free_r2: float | None = None
     sma_every: int = STDETConfig.sma_every
     sma_alpha: float = STDETConfig.sma_alpha
     sma_mode: str = STDETConfig.sma_mode
@@ -198,12 +203,9 @@ class TrainConfig:
         knobs += ("max_embedded", "protect", "min_r2", "safety_window", "safety_tolerance", "safety_sigmas")
         knobs += ("sma_every", "sma_alpha", "sma_mode")
         values = {name: getattr(self, name) for name in knobs}
-        values.update(
-            {
-                name: getattr(self, name)
-                for name in ("max_drift", "continuity", "sensitivity", "release", "sma_restart")
-            }
-        )
+        optional = ("max_drift", "continuity", "sensitivity", "release", "sma_restart")
+        optional += ("accelerate_every", "accelerate_horizon", "accelerate_free_r2")
+        values.update({name: getattr(self, name) for name in optional})
         values = {name: value for name, value in values.items() if value is not None}
         try:
             return STDETConfig(**values, seed=self.seed)
@@ -459,7 +461,14 @@ class Trainer:
         self.stdet: STDET | None = None
         self.sma: SMA | None = None
         if config.method == "stdet":
-            self.stdet = STDET(self.model, self.optimizer, config.stdet_config())
+            stdet_config = config.stdet_config()
+            probe = None
+            if stdet_config.accelerate_every:
+                # A batch of training crops of its own (a generator no training batch uses), drawn once.
+                probe_crops = RandomCrops(train_images, config.patch_size, config.seed + PROBE_SEED_OFFSET)
+                self.probe_batch = probe_crops.batch(0, config.batch_size).to(self.device)
+                probe = self.probe_loss
+            self.stdet = STDET(self.model, self.optimizer, stdet_config, probe=probe)
             self.sma = self.stdet.sma
         elif config.sma_every:
             self.sma = SMA(self.model, config.sma_every, config.sma_alpha, config.sma_mode)
@@ -617,6 +626,19 @@ class Trainer:
         if stop > 0 and self._stop_signal is None:
             self._stop_signal = signal.SIGTERM  # another rank was told to stop
         return {"loss": loss_v, "mse": mse_v, "bpp": bpp_v, "psnr": psnr(mse_v), "aux_loss": aux_v}
+
+    def probe_loss(self) -> float:
+        """The RD loss of the fixed probe batch, deterministic: the model in eval mode (CompressAI
+        rounds the latents there instead of adding uniform noise, and draws no random number), put
+        back in its mode afterwards. STDET's accelerations are judged by it."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                loss, _, _ = self._losses(self.model(self.probe_batch), self.probe_batch)
+        finally:
+            self.model.train(training)
+        return float(loss)
 
     def learning_rate(self, step: int) -> float:
         """The network's learning rate for the step after `step` steps (`learning_rate`)."""
