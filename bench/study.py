@@ -1049,6 +1049,38 @@ SCREENS = {
             },
         },
     ),
+    "accelerate": (
+        "Written before it ran (issue 13, part 3). After the warm-up the model moves mostly through "
+        "its M references. Hypothesis: over S/20 steps each reference's trajectory is close to a line, "
+        "so moving the references S/20 steps ahead along it (`accelerate_every`; kept only if a fixed "
+        "probe batch's eval-mode RD loss drops, else half the move, else none) takes the model where "
+        "training would go anyway, sooner. It counts if a variant ends below the same policy without "
+        "acceleration (the schedule screen's `defaults`, the release screen's variants; same cell and "
+        "seed) by more than 1%, with most proposals accepted (the `accelerate` events in each run's "
+        "STDET history). If most are rejected, or the accepted ones leave the final RD loss where it "
+        "was, the references' drift is not where the steps go and extrapolating it buys nothing. The "
+        "third variant also moves each FREE element whose fit has R^2 >= 0.9 by a times its "
+        "reference's move: do the fits predict the free elements' motion? (In the unit tests' tiny "
+        "model that move was mostly rejected.)",
+        {
+            "refs every S/20": {"accelerate_every": 80},
+            "refs every S/20, release": {"accelerate_every": 80, "release": True},
+            "refs + free (R^2 >= 0.9) every S/20, release": {
+                "accelerate_every": 80,
+                "accelerate_free_r2": 0.9,
+                "release": True,
+            },
+            "all tied, warm-up S/2, max_embedded 0.5, refs every S/20, release, SMA restart": {
+                "min_r2": 0.0,
+                "max_drift": 1e9,
+                "warmup": 0.5,
+                "max_embedded": 0.5,
+                "accelerate_every": 80,
+                "release": True,
+                "sma_restart": True,
+            },
+        },
+    ),
 }
 
 
