@@ -638,3 +638,128 @@ def test_acceleration_is_off_by_default_and_asks_for_a_probe() -> None:
         stdet.STDETConfig(accelerate_horizon=0)
     with pytest.raises(ValueError, match="^accelerate_free_r2: "):
         stdet.STDETConfig(accelerate_free_r2=1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# start="plateau": embedding waits until the loss stops falling
+
+
+def _policy(**knobs) -> "stdet.policy.EmbeddingPolicy":
+    from stdet.policy import EmbeddingPolicy
+
+    return EmbeddingPolicy(stdet.STDETConfig(**knobs))
+
+
+@pytest.mark.parametrize(
+    ("losses", "expected"),
+    [
+        ([5.0] * 20, "flat"),
+        ([5.0 + 0.001 * ((-1) ** i) for i in range(20)], "flat"),
+        ([6.0 - 0.05 * i for i in range(20)], "falling"),
+        ([5.0 + 0.05 * i for i in range(20)], "rising"),
+        ([5.0 + (1.0 if i % 2 else -1.0) for i in range(20)], "unsure"),  # noise hides any trend
+        ([5.0] * 4, "unsure"),  # too few points
+    ],
+    ids=["constant", "tiny noise", "falling", "rising", "noisy", "too few"],
+)
+def test_the_plateau_test_reads_a_trend_with_its_standard_error(losses, expected) -> None:
+    points = [(10 * (i + 1), loss) for i, loss in enumerate(losses)]
+    assert _policy(warmup_steps=200).trend(points, window=200) == expected
+
+
+def test_a_rolling_recorder_keeps_the_last_snapshots_oldest_first() -> None:
+    from stdet.trajectory import TrajectoryRecorder
+
+    weight = torch.zeros(3)
+    recorder = TrajectoryRecorder({"w": weight}, snapshots=3, rolling=True)
+    for value in range(5):
+        weight.fill_(value)
+        recorder.record()
+    assert recorder.trajectories()[:, 0].tolist() == [2.0, 3.0, 4.0]
+
+
+def _probe_from(values: list[float]):
+    """A probe that returns the next of `values` at each call (the last one from then on)."""
+    calls = iter(values)
+    last = [values[-1]]
+
+    def probe() -> float:
+        last[0] = next(calls, last[0])
+        return last[0]
+
+    return probe
+
+
+PLATEAU = dict(CONFIG, start="plateau", plateau_window=20, safety_tolerance=100.0)
+
+
+def test_while_the_probe_loss_falls_stdet_waits_and_training_is_plain_adam() -> None:
+    falling = _probe_from([10.0 - 0.1 * i for i in range(100)])
+    model, optimizer, st = _setup_probed(stdet.STDETConfig(**PLATEAU), make_probe=lambda _: falling)
+    waited: list[float] = []
+    _train(model, optimizer, st, range(60), waited)
+    assert st.phase == "waiting" and not st.layout.attached and st.trainable_fraction() == 1.0
+    assert any(h["event"] == "waiting" for h in st.history)
+
+    torch.manual_seed(0)
+    plain_model = FactorizedPrior(N=8, M=12)
+    parameters = [p for n, p in plain_model.named_parameters() if not n.endswith(".quantiles")]
+    plain_optimizer = torch.optim.Adam(parameters, lr=1e-3)
+    plain: list[float] = []
+    for step in range(60):
+        plain_optimizer.zero_grad()
+        loss = _rd_loss(plain_model, _batch(step))
+        loss.backward()
+        plain_optimizer.step()
+        plain.append(float(loss.detach()))
+    assert waited == plain
+
+
+def test_a_flat_probe_starts_embedding_and_a_rise_stops_it_for_good() -> None:
+    values = [5.0] * 12 + [5.0 + 0.2 * i for i in range(1, 40)]  # flat, then rising
+    model, optimizer, st = _setup_probed(
+        stdet.STDETConfig(**PLATEAU), make_probe=lambda _: _probe_from(values)
+    )
+    _train(model, optimizer, st, range(26))
+    assert st.phase == "embedding" and st.layout.attached
+    _train(model, optimizer, st, range(26, 90))
+    events = [h["event"] for h in st.history]
+    assert "round" in events and "stopped" in events and st.stopped
+    stopped_at = next(h["step"] for h in st.history if h["event"] == "stopped")
+    assert not any(h["event"] == "round" and h["step"] > stopped_at for h in st.history)
+
+
+def test_a_run_waiting_for_the_plateau_resumes_exactly() -> None:
+    def make_probe(model):
+        return _eval_probe(model)
+
+    config = stdet.STDETConfig(**{**PLATEAU, "plateau_tolerance": 0.05})
+    model, optimizer, st = _setup_probed(config, make_probe)
+    straight: list[float] = []
+    _train(model, optimizer, st, range(60), straight)
+    model, optimizer, st = _setup_probed(config, make_probe)
+    resumed: list[float] = []
+    _train(model, optimizer, st, range(33), resumed)
+    phase_at_cut = st.phase
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+    model, optimizer, st = _setup_probed(config, make_probe)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"])
+    assert st.phase == phase_at_cut
+    _train(model, optimizer, st, range(33, 60), resumed)
+    assert resumed == straight
+
+
+def test_without_a_probe_the_plateau_test_reads_the_training_losses() -> None:
+    model, optimizer, st = _setup(stdet.STDETConfig(**PLATEAU))
+    _train(model, optimizer, st, range(40))
+    assert len(st.probes) >= 5 and st.phase in ("waiting", "embedding")

@@ -202,6 +202,14 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         help="with --release: the SMA average restarts there",
     )
     add(
+        "--start",
+        default=s,
+        help="warmup: embed from the end of the warm-up; plateau: also wait until the probe loss is flat",
+    )
+    add("--plateau-window", type=int, default=s, help="steps the plateau test looks back (default: warm-up)")
+    add("--plateau-tolerance", type=float, default=s, help="relative change that counts as flat (0.01)")
+    add("--plateau-sigmas", type=float, default=s, help="standard errors added to the change (1)")
+    add(
         "--accelerate-every",
         type=int,
         default=s,

@@ -34,6 +34,17 @@ class STDETConfig:
         of the two window means. The training loss of small random-crop batches is noisy: windows of
         20 steps differ by far more than 2% by chance, and the plain rule (``safety_sigmas=0``, as
         METHOD.md words it) then undoes rounds at random and halves the rate towards zero.
+    start: "warmup" starts embedding when the warm-up ends; "plateau" also waits until the loss has
+        stopped falling: a least-squares line through the probe loss (or, without a probe, the mean
+        training loss) every `warmup_steps / snapshots` steps over the last `plateau_window` steps
+        must change by at most `plateau_tolerance` (relative), `plateau_sigmas` standard errors
+        included. Rounds then happen only while it stays flat; a confident rise by more than the
+        tolerance stops embedding for good. While the model still learns fast, freezing or tying
+        elements costs more than it saves (bench/results/screen_*.md), so it waits; the modes are
+        fitted on the last `snapshots` snapshots before the start.
+    plateau_window: steps the plateau test looks back over; None: `warmup_steps`.
+    plateau_tolerance: the relative change over the window that counts as flat.
+    plateau_sigmas: standard errors of that change added to it before comparing.
     release: at the learning rate's drop (the optimizer's lr at most half the largest it has had: a
         step decay, a plateau's cut, a cosine past its middle) every embedded element returns to FREE
         with its current value and embedding ends, so the anneal trains the whole model. Embedding
@@ -79,6 +90,10 @@ class STDETConfig:
     safety_window: int = 20
     safety_tolerance: float = 0.02
     safety_sigmas: float = 2.0
+    start: str = "warmup"
+    plateau_window: int | None = None
+    plateau_tolerance: float = 0.01
+    plateau_sigmas: float = 1.0
     release: bool = False
     sma_restart: bool = False
     accelerate_every: int = 0
@@ -164,6 +179,18 @@ class STDETConfig:
             self.accelerate_free_r2 is None
             or (not isinstance(self.accelerate_free_r2, bool) and is_fraction(self.accelerate_free_r2)),
             "None or a fraction in [0, 1]",
+        )
+        require("start", self.start in ("warmup", "plateau"), "'warmup' or 'plateau'")
+        require(
+            "plateau_window",
+            self.plateau_window is None or (is_int(self.plateau_window) and self.plateau_window >= 2),
+            "None or an integer >= 2",
+        )
+        require("plateau_tolerance", is_fraction(self.plateau_tolerance), "a fraction in [0, 1]")
+        require(
+            "plateau_sigmas",
+            isinstance(self.plateau_sigmas, (int, float)) and self.plateau_sigmas >= 0,
+            "a number >= 0",
         )
         require("sma_every", is_int(self.sma_every) and self.sma_every >= 0, "an integer >= 0")
         require("sma_mode", self.sma_mode in ("shadow", "feedback"), "'shadow' or 'feedback'")

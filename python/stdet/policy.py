@@ -74,6 +74,33 @@ class EmbeddingPolicy:
         codes = torch.where(good, chosen_mode, torch.tensor(DUMMY, dtype=torch.uint8))
         return Round(chosen, codes, chosen_a, chosen_b, positions)
 
+    def trend(self, points: list[tuple[int, float]], window: int) -> str:
+        """How the loss moves over the last `window` steps, from `points` = [(step, loss), ...]: the
+        relative change of a least-squares line through them over the window, c, and its standard
+        error, se. "flat" when ``|c| + plateau_sigmas * se <= plateau_tolerance``; "falling" or
+        "rising" when c is beyond the tolerance by that margin; "unsure" otherwise, or with fewer
+        than 5 points spanning half the window."""
+        last = points[-1][0] if points else 0
+        kept = [(step, loss) for step, loss in points if step > last - window]
+        if len(kept) < 5 or kept[-1][0] - kept[0][0] < window / 2:
+            return "unsure"
+        steps = torch.tensor([s for s, _ in kept], dtype=torch.float64)
+        losses = torch.tensor([v for _, v in kept], dtype=torch.float64)
+        centred = steps - steps.mean()
+        slope = float((centred * (losses - losses.mean())).sum() / (centred**2).sum())
+        residuals = losses - losses.mean() - slope * centred
+        slope_se = math.sqrt(float((residuals**2).sum()) / (len(kept) - 2) / float((centred**2).sum()))
+        scale = abs(float(losses.mean())) or 1.0
+        change, se = slope * window / scale, slope_se * window / scale
+        tolerance, margin = self.config.plateau_tolerance, self.config.plateau_sigmas * se
+        if abs(change) + margin <= tolerance:
+            return "flat"
+        if change - margin > tolerance:
+            return "rising"
+        if change + margin < -tolerance:
+            return "falling"
+        return "unsure"
+
     def keeps(self, before: float, before_se: float, after: float, after_se: float) -> bool:
         """Whether a round whose smoothed loss went from `before` to `after` did no harm: a rise of at
         most `safety_tolerance`, or one that does not stand out of the batch noise (`safety_sigmas`

@@ -95,9 +95,10 @@ _GROUP_SETTINGS_IGNORED = ("params", "initial_lr")
 class STDET:
     """Runs STDET on `model`, whose parameters `optimizer` updates. See the module docstring.
 
-    `probe` (needed by ``config.accelerate_every``, unused otherwise): returns the loss of a fixed
-    batch as a float, the same number for the same weights (e.g. the model in eval mode, so no
-    quantization noise); STDET calls it without gradients, to judge each acceleration.
+    `probe` (needed by ``config.accelerate_every``; used by ``config.start="plateau"``, which falls
+    back on the training losses given to `step` without it): returns the loss of a fixed batch as a
+    float, the same number for the same weights (e.g. the model in eval mode, so no quantization
+    noise); STDET calls it without gradients, to judge each acceleration and to see a plateau.
     """
 
     def __init__(
@@ -131,9 +132,15 @@ class STDET:
         self.group = self._param_group(tensors)
         self.slices = layout(tensors)
         self.elements = self.slices[-1].stop
+        plateau = self.config.start == "plateau"
         self.recorder: TrajectoryRecorder | None = TrajectoryRecorder(
-            tensors, self.config.snapshots, dtype=_DTYPES[self.config.snapshot_dtype]
+            tensors, self.config.snapshots, dtype=_DTYPES[self.config.snapshot_dtype], rolling=plateau
         )
+        # start="plateau": (step, loss) every snapshot interval over the plateau window; and whether
+        # a rise stopped embedding for good.
+        self.plateau_window = self.config.plateau_window or self.config.warmup_steps
+        self.probes: list[tuple[int, float]] = []
+        self.stopped = False
         warmup, snapshots = self.config.warmup_steps, self.config.snapshots
         self.record_steps = sorted({round(warmup * (j + 1) / snapshots) for j in range(snapshots)})
         self.snapshot_interval = max(1, warmup // snapshots)
@@ -236,11 +243,18 @@ class STDET:
         if self.config.release and self._lr_dropped():
             self._release()
             return
-        if self.phase == "warmup":
-            if self.step_count in self.record_steps and self.recorder is not None:
+        self._watch_loss()
+        if self.phase in ("warmup", "waiting"):
+            waiting = self.phase == "waiting" and self.step_count % self.snapshot_interval == 0
+            if self.step_count in self.record_steps or waiting:
                 self.recorder.record()
-            if self.step_count >= self.config.warmup_steps:
-                self._start_embedding()
+            looks = self.phase == "warmup" or self.step_count % self.snapshot_interval == 0
+            if self.step_count >= self.config.warmup_steps and looks:
+                if self.config.start == "warmup" or self._trend() == "flat":
+                    self._start_embedding()
+                elif self.phase == "warmup":
+                    self.phase = "waiting"
+                    self.history.append({"step": self.step_count, "event": "waiting", "trend": self._trend()})
             return
         if self.config.refit and self.step_count % self.snapshot_interval == 0:
             # The FREE elements are the tracked ones, and each reference element's value is its ref.
@@ -248,13 +262,50 @@ class STDET:
         if self.pending is not None and self.step_count >= self.pending["step"] + self.config.safety_window:
             self._judge()
         due = self.step_count - self.last_round >= self.config.embed_every
-        if self.pending is None and due and self.embedded_fraction() < self.config.max_embedded:
+        if self.pending is None and due and self._embedding_open():
             self._round()
         if self.trajectory is not None:
             self.trajectory.record(self.refs)
             if self.trajectory.count >= self.config.accelerate_every:
                 self._accelerate()
         self._track_sensitivity()
+
+    def _embedding_open(self) -> bool:
+        """Whether a round may embed now: room under `max_embedded`, and with ``start="plateau"`` the
+        loss still flat (falling: the round waits for the next; rising: embedding stops for good)."""
+        if self.stopped or self.embedded_fraction() >= self.config.max_embedded:
+            return False
+        if self.config.start != "plateau":
+            return True
+        trend = self._trend()
+        if trend == "rising":
+            self.stopped = True
+            self.history.append({"step": self.step_count, "event": "stopped", "trend": trend})
+            log.info("stdet: step %d: the loss rises: embedding stops", self.step_count)
+        elif trend != "flat":
+            self.last_round = self.step_count  # no round now: look again after embed_every steps
+        return trend == "flat"
+
+    def _watch_loss(self) -> None:
+        """start="plateau": every snapshot interval, the probe loss (or the mean training loss of the
+        interval's steps) joins the points the plateau test reads."""
+        if self.config.start != "plateau" or self.stopped or self.step_count % self.snapshot_interval:
+            return
+        if self.probe is not None:
+            # An SMA sample waiting for the next forward is of the weights training goes on from.
+            pending_sample, self.layout.pending_sample = self.layout.pending_sample, None
+            value = self._probe_loss()
+            self.layout.pending_sample = pending_sample
+        else:
+            recent = [loss for step, loss in self.losses if step > self.step_count - self.snapshot_interval]
+            if not recent:
+                return
+            value = sum(recent) / len(recent)
+        self.probes.append((self.step_count, value))
+        del self.probes[: -(self.plateau_window // self.snapshot_interval + 2)]
+
+    def _trend(self) -> str:
+        return self.policy.trend(self.probes, self.plateau_window)
 
     def _lr_dropped(self) -> bool:
         """Whether the lr of the layout's param group is at most half the largest it has had."""
@@ -277,7 +328,8 @@ class STDET:
         if self.pending is not None:  # a round waits for its judgement first
             next_round = max(next_round, self.pending["step"] + self.config.safety_window)
         wanted = (
-            self.embedded_fraction() < self.config.max_embedded
+            not self.stopped
+            and self.embedded_fraction() < self.config.max_embedded
             and next_round - (self.step_count + 1) < self.sensitivity_window
         )
         if wanted and self.layout.track_sensitivity is None:
@@ -538,6 +590,8 @@ class STDET:
             "phase": self.phase,
             "rate": self.rate,
             "peak_lr": self.peak_lr,
+            "probes": list(self.probes),
+            "stopped": self.stopped,
             "history": list(self.history),
             "losses": list(self.losses),
             "pending": self.pending,
@@ -565,7 +619,7 @@ class STDET:
         shapes = [piece.shape for piece in self.slices]
         if state.get("names") != self.names or [tuple(s) for s in state.get("shapes", [])] != shapes:
             raise ValueError("state: was saved for a different model (its embeddable tensors differ)")
-        if state["phase"] == "warmup" and self.phase != "warmup":
+        if state["phase"] in ("warmup", "waiting") and self.layout.attached:
             raise RuntimeError(
                 "state: saved during the warm-up, but this model is attached already; load it into a "
                 "new model with a new STDET"
@@ -581,13 +635,16 @@ class STDET:
             )
         self.step_count, self.rate = state["step"], state["rate"]
         self.peak_lr = state.get("peak_lr", 0.0)
+        self.probes = [tuple(point) for point in state.get("probes", [])]
+        self.stopped = state.get("stopped", False)
         self.history, self.losses = list(state["history"]), [tuple(x) for x in state["losses"]]
         self.pending, self.last_round = state["pending"], state["last_round"]
         if self.sma is not None and state.get("sma") is not None:
             self.sma.load_state_dict(state["sma"])
-        if state["phase"] == "warmup":
+        if state["phase"] in ("warmup", "waiting"):
             self.recorder.buffer.copy_(state["recorder"]["buffer"])
             self.recorder.count = state["recorder"]["count"]
+            self.phase = state["phase"]
             return
         self.recorder = None
         self.references, self.mode = state["references"], state["mode"]

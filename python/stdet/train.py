@@ -134,6 +134,10 @@ class TrainConfig:
     sensitivity: str | None = None
     release: bool | None = None
     sma_restart: bool | None = None
+    start: str | None = None
+    plateau_window: int | None = None
+    plateau_tolerance: float | None = None
+    plateau_sigmas: float | None = None
     accelerate_every: int | None = None
     accelerate_horizon: float | None = None
     accelerate_free_r2: float | None = None
@@ -205,6 +209,7 @@ class TrainConfig:
         values = {name: getattr(self, name) for name in knobs}
         optional = ("max_drift", "continuity", "sensitivity", "release", "sma_restart")
         optional += ("accelerate_every", "accelerate_horizon", "accelerate_free_r2")
+        optional += ("start", "plateau_window", "plateau_tolerance", "plateau_sigmas")
         values.update({name: getattr(self, name) for name in optional})
         values = {name: value for name, value in values.items() if value is not None}
         try:
@@ -463,7 +468,7 @@ class Trainer:
         if config.method == "stdet":
             stdet_config = config.stdet_config()
             probe = None
-            if stdet_config.accelerate_every:
+            if stdet_config.accelerate_every or stdet_config.start == "plateau":
                 # A batch of training crops of its own (a generator no training batch uses), drawn once.
                 probe_crops = RandomCrops(train_images, config.patch_size, config.seed + PROBE_SEED_OFFSET)
                 self.probe_batch = probe_crops.batch(0, config.batch_size).to(self.device)

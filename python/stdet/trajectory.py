@@ -50,6 +50,7 @@ class TrajectoryRecorder:
         snapshots: rows to keep (F in METHOD.md). Recording more than that is an error.
         dtype: storage dtype: float32 (default) or float16/bfloat16 to halve the memory.
         device: storage device; "cpu" offloads GPU parameters.
+        rolling: once full, a `record()` replaces the oldest row (the last `snapshots` are kept).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class TrajectoryRecorder:
         snapshots: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        rolling: bool = False,
     ) -> None:
         if not tensors:
             raise ValueError("tensors: expected at least one tensor to record, got none")
@@ -72,6 +74,7 @@ class TrajectoryRecorder:
         self.elements = self.slices[-1].stop
         self.buffer = torch.empty((snapshots, self.elements), dtype=dtype, device=device)
         self.count = 0
+        self.rolling = rolling
 
     @property
     def capacity(self) -> int:
@@ -79,20 +82,22 @@ class TrajectoryRecorder:
 
     @property
     def full(self) -> bool:
-        return self.count == self.capacity
+        return self.count >= self.capacity
 
     def record(self) -> None:
         """Copy the tensors' current values into the next row."""
-        if self.full:
+        if self.count >= self.capacity and not self.rolling:
             raise RuntimeError(f"TrajectoryRecorder: all {self.capacity} snapshots are recorded already")
-        row = self.buffer[self.count]
+        row = self.buffer[self.count % self.capacity]
         for piece in self.slices:
             row[piece.start : piece.stop].copy_(self.tensors[piece.name].detach().reshape(-1))
         self.count += 1
 
     def trajectories(self) -> torch.Tensor:
-        """The recorded rows, ``(count, elements)``."""
-        return self.buffer[: self.count]
+        """The recorded rows, ``(min(count, snapshots), elements)``, oldest first."""
+        if self.count <= self.capacity:
+            return self.buffer[: self.count]
+        return self.buffer.roll(-(self.count % self.capacity), dims=0)
 
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
