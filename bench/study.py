@@ -1049,6 +1049,34 @@ SCREENS = {
             },
         },
     ),
+    "plateau": (
+        "Written after `release` (the harm is made in the constant phase and the anneal does not undo "
+        "it) and after reading Adam's eval curves in the quick cell: fine-tuning still falls 9% from "
+        "S/2 to 0.8 S (5.92 to 5.37), scratch falls throughout. Embedding starts while the model still "
+        "learns. Hypothesis: with start='plateau' (embedding waits until the probe batch's loss is flat: "
+        "a line through it every S/100 steps over the last S/5, within 1%, one standard error "
+        "included; rounds only while flat, a rise stops them), STDET waits in this regime, embeds little "
+        "or nothing, and ends within +0.5% of Adam (live weights) in both tracks: no harm by "
+        "construction. If it embeds and harms, the test is too loose; a looser tolerance (3%) shows "
+        "what embedding at a rougher plateau costs.",
+        {
+            "plateau": {"start": "plateau"},
+            "plateau, all tied": {"start": "plateau", "min_r2": 0.0, "max_drift": 1e9},
+            "plateau, all tied, release, SMA restart": {
+                "start": "plateau",
+                "min_r2": 0.0,
+                "max_drift": 1e9,
+                "release": True,
+                "sma_restart": True,
+            },
+            "plateau tolerance 0.03, all tied": {
+                "start": "plateau",
+                "plateau_tolerance": 0.03,
+                "min_r2": 0.0,
+                "max_drift": 1e9,
+            },
+        },
+    ),
     "accelerate": (
         "Written before it ran (issue 13, part 3). After the warm-up the model moves mostly through "
         "its M references. Hypothesis: over S/20 steps each reference's trajectory is close to a line, "
