@@ -540,20 +540,67 @@ def test_two_processes_with_gloo_match_one_process(tmp_path, method) -> None:
 
 @pytest.mark.slow
 def test_quick_demo_writes_the_summary_schema(tmp_path) -> None:
-    finished = run_cli("demo", "--quick", "--out", str(tmp_path / "demo"), timeout=600)
+    """`stdet demo --quick`: both fine-tuning runs from the shipped model, the four results, the files."""
+    from stdet.demo import LABELS, PRETRAINED_RECORD
+
+    out = tmp_path / "demo"
+    finished = run_cli("demo", "--quick", "--out", str(out), timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    for name in ("baseline", "stdet"):
-        run = summary[name]
-        assert set(run["final_eval"]) == {"bpp", "psnr", "rd_loss"}
-        assert all(len(point) == 2 for point in run["curve"]) and run["curve"][-1][0] == 40
-        assert 0 < run["trainable_fraction_end"] <= 1 and run["wall_s"] > 0 and run["peak_rss_mb"] > 0
-    assert summary["baseline"]["trainable_fraction_end"] == 1.0 > summary["stdet"]["trainable_fraction_end"]
-    reached = summary["steps_to_baseline_final"]
-    assert reached is None or isinstance(reached, int)
-    for name in ("report.md", "curves.png", "rd_points.png"):
-        assert (tmp_path / "demo" / name).stat().st_size > 0
-    assert "| baseline |" in finished.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"setting", "pretrained", "start", "results", "runs", "wall_s"}
+    results = summary["results"]
+    assert set(results) == {"Adam", "Adam + EMA", "STDET", "STDET + SMA"}
+    for result in [*results.values(), summary["start"]]:
+        assert {"bpp", "psnr", "rd_loss"} <= set(result) and result["rd_loss"] > 0
+    assert results["Adam"]["change_vs_adam"] == 0.0
+    assert results["STDET"]["change_vs_adam"] == pytest.approx(
+        results["STDET"]["rd_loss"] / results["Adam"]["rd_loss"] - 1
+    )
+    assert results["Adam + EMA"] != results["Adam"]  # the average is coded, not the live weights again
+    steps = summary["setting"]["steps"]
+    for name, (live, average) in LABELS.items():
+        run = summary["runs"][name]
+        assert [step for step, _ in run["curve"]] == [step for step, _ in run["average_curve"]]
+        assert run["curve"][-1] == [steps, results[live]["rd_loss"]]
+        assert run["average_curve"][-1] == [steps, results[average]["rd_loss"]]
+        assert run["wall_s"] > 0 and run["peak_rss_mb"] > 0
+    assert summary["runs"]["adam"]["trainable_fraction_end"] == 1.0
+    assert 0 < summary["runs"]["stdet"]["trainable_fraction_end"] <= 1.0
+    shipped = json.loads(PRETRAINED_RECORD.read_text())
+    assert summary["pretrained"]["weights_sha256"] == shipped["weights_sha256"]
+    for name in ("report.md", "curves.png", "rd_points.png", "adam.out", "stdet.out"):
+        assert (out / name).stat().st_size > 0
+    assert "| STDET + SMA |" in finished.stdout
+
+
+def test_the_shipped_pretrained_model_matches_its_record_and_loads(tmp_path) -> None:
+    """The demo's starting model is in the package, holds the weights its record names, was made by
+    the demo's pretraining recipe, and loads into the demo's architecture; a changed weight, a changed
+    recipe and a missing file are each refused with the way to remake it."""
+    from stdet import demo
+    from stdet.train import TrainingError, load_model
+
+    record = demo.check_pretrained()
+    assert record["recipe"] == demo.recipe(demo.pretrain_config(tmp_path))
+    assert (
+        record["recipe"]["lmbda"] == demo.PRETRAIN_LMBDA and record["recipe"]["steps"] == demo.PRETRAIN_STEPS
+    )
+    assert demo.PRETRAINED.stat().st_size < 4e6
+    state = torch.load(demo.PRETRAINED, map_location="cpu", weights_only=True)
+    model = load_model(demo.ARCH, state)
+    assert (model.N, model.M) == (demo.N, demo.M)
+
+    name = next(key for key, value in state.items() if value.is_floating_point())
+    changed = tmp_path / "changed.pth"
+    torch.save({**state, name: state[name] + 1e-6}, changed)
+    with pytest.raises(TrainingError, match="sha256.*stdet demo --make-pretrained"):
+        demo.check_pretrained(changed, demo.PRETRAINED_RECORD)
+    other_recipe = tmp_path / "other.json"
+    other_recipe.write_text(json.dumps({**record, "recipe": {**record["recipe"], "lr": 1e-3}}))
+    with pytest.raises(TrainingError, match="made with lr=0.001, but the demo's pretraining has lr=0.0005"):
+        demo.check_pretrained(demo.PRETRAINED, other_recipe)
+    with pytest.raises(TrainingError, match="missing; make it with `stdet demo --make-pretrained`"):
+        demo.check_pretrained(tmp_path / "absent.pth", demo.PRETRAINED_RECORD)
 
 
 def test_resume_from_the_written_config_finds_its_checkpoint(tmp_path, capsys) -> None:
