@@ -86,3 +86,18 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_every_op(tmp_path: Path) -> N
 
     cli = subprocess.run([venv / "bin" / "stdet", "backends"], cwd=tmp_path, capture_output=True, text=True)
     assert cli.returncode == 0 and "cpp" in cli.stdout, cli.stderr
+
+    # The demo's pretrained model travels in the wheel as package data, and the installed demo finds it.
+    shipped = subprocess.run(
+        [
+            python,
+            "-c",
+            "from stdet.demo import PRETRAINED, check_pretrained; check_pretrained(); print(PRETRAINED)",
+        ],
+        cwd=tmp_path,
+        env=run_env,
+        capture_output=True,
+        text=True,
+    )
+    assert shipped.returncode == 0, shipped.stderr
+    assert Path(shipped.stdout.strip()).is_relative_to(site), shipped.stdout

@@ -24,8 +24,8 @@ minutes on one core); its record ``assets/demo_pretrained.json`` names the recip
 the weights (`weights_sha256`), and the demo checks both before it starts (`check_pretrained`).
 
 Files in ``--out``: ``adam/`` and ``stdet/`` (each run's folder), ``summary.json``, ``report.md``,
-``curves.png`` (eval RD loss of the live weights against the step, with the averages' final points)
-and ``rd_points.png`` (bpp and PSNR at each evaluation). summary.json::
+``curves.png`` (eval RD loss against the step, of each run's live weights and of its average) and
+``rd_points.png`` (bpp and PSNR of the live weights at each evaluation). summary.json::
 
     {"setting": {name: value},               # the runs' shared settings and STDET's step counts
      "pretrained": {"file", "weights_sha256", "recipe": {...}},
@@ -319,23 +319,20 @@ def _pyplot():
 
 
 def plot_curves(summary: dict, out: Path) -> Path:
-    """Eval RD loss of each run's live weights against the step, from the pretrained model's at step
-    0; each run's average marked at its end; Adam's final value dashed."""
+    """Eval RD loss against the step from the pretrained model's at step 0: each run's live weights
+    (solid) and its average (dashed, its final point starred); Adam's final value and the lr's drop
+    as grey lines. Both curves of a run, since the live weights at a high lr are noisy and the average
+    is what a reader would compare mid-run."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6.5, 4.2))
-    start = summary["start"]["rd_loss"]
+    start = [0, summary["start"]["rd_loss"]]
     for name, (live, average) in LABELS.items():
-        steps, losses = zip(*([[0, start], *summary["runs"][name]["curve"]]), strict=True)
-        axes.plot(steps, losses, marker=".", color=COLORS[name], label=f"{live} (live weights)")
-        axes.plot(
-            steps[-1],
-            summary["results"][average]["rd_loss"],
-            marker="*",
-            markersize=12,
-            color=COLORS[name],
-            linestyle="none",
-            label=f"{average} (its average, at the end)",
-        )
+        run, color = summary["runs"][name], COLORS[name]
+        steps, losses = zip(*[start, *run["curve"]], strict=True)
+        axes.plot(steps, losses, marker=".", color=color, label=f"{live} (live weights)")
+        steps, losses = zip(*[start, *run["average_curve"]], strict=True)
+        axes.plot(steps, losses, linestyle="--", linewidth=1, color=color, label=f"{average} (its average)")
+        axes.plot(steps[-1], losses[-1], marker="*", markersize=11, color=color, linestyle="none")
     axes.axhline(
         summary["results"]["Adam"]["rd_loss"], color="gray", linestyle="--", linewidth=1, label="Adam's final"
     )
