@@ -103,6 +103,7 @@ def train(args, image, coefficient_dtype: str | None) -> tuple[dict, float, floa
             safety_window=args.safety_window,
             safety_tolerance=args.safety_tolerance,
             coefficient_dtype=coefficient_dtype,
+            start="warmup",  # the memory of the embedded layout: embed from the warm-up's end
         )
         st = stdet.STDET(model, optimizer, config)
     losses = []

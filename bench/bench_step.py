@@ -64,6 +64,7 @@ class Case:
             config = stdet.STDETConfig(
                 warmup_steps=2, snapshots=2, embed_every=1 if target > 0 else 10**9, embed_rate=1.0,
                 max_embedded=max(target, 1e-9), protect=0.0, min_r2=0.0, max_drift=1e9, safety_window=1,
+                start="warmup",
             )  # fmt: skip
             self.st = stdet.STDET(self.model, self.optimizer, config)
         for _ in range(4):  # warm-up, fit, attach and (50% and up) the round that embeds the target

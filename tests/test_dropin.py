@@ -56,7 +56,9 @@ def configure_optimizers(net, learning_rate=1e-3, aux_learning_rate=1e-3):
 
 BATCHES = torch.rand(4, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 STEPS_PER_EPOCH = 3
-STDET_CONFIG = dict(warmup_steps=4, snapshots=2, modes=3, samples=50, embed_every=2, embed_rate=0.3)
+STDET_CONFIG = dict(
+    warmup_steps=4, snapshots=2, modes=3, samples=50, embed_every=2, embed_rate=0.3, start="warmup"
+)
 
 
 def train_one_epoch(model, criterion, optimizer, aux_optimizer, epoch, clip_max_norm=1.0):

@@ -47,8 +47,16 @@ def _train(model, optimizer, st, steps: range, losses: list[float] | None = None
             losses.append(float(loss.detach()))
 
 
+# start="warmup": these tests are about what embedding does, so it starts when the warm-up ends.
 CONFIG = dict(
-    warmup_steps=20, snapshots=10, modes=4, samples=200, embed_every=5, embed_rate=0.3, safety_window=5
+    warmup_steps=20,
+    snapshots=10,
+    modes=4,
+    samples=200,
+    embed_every=5,
+    embed_rate=0.3,
+    safety_window=5,
+    start="warmup",
 )
 
 
@@ -346,7 +354,7 @@ def test_a_model_stdet_has_attached_compiles_with_fullgraph_and_matches_eager() 
         model = _ConvStack()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         config = stdet.STDETConfig(
-            warmup_steps=2, snapshots=2, modes=2, samples=20, embed_every=1, sma_every=1
+            warmup_steps=2, snapshots=2, modes=2, samples=20, embed_every=1, sma_every=1, start="warmup"
         )
         st = stdet.STDET(model, optimizer, config)
         forward = torch.compile(model, fullgraph=True) if compiled else model

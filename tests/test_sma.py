@@ -155,7 +155,14 @@ def test_state_dict_round_trip_and_bad_arguments() -> None:
 
 
 STDET_CONFIG = dict(
-    warmup_steps=20, snapshots=10, modes=4, samples=200, embed_every=5, embed_rate=0.3, safety_window=5
+    warmup_steps=20,
+    snapshots=10,
+    modes=4,
+    samples=200,
+    embed_every=5,
+    embed_rate=0.3,
+    safety_window=5,
+    start="warmup",  # embedding from the warm-up's end, not when the loss is flat
 )
 
 

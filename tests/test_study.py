@@ -3,6 +3,7 @@ complete runs, and the tables read from synthetic results. No training runs here
 
 import importlib.util
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,8 @@ def test_policy_screens_judge_against_the_quick_plans_own_adam_runs(tmp_path):
                 if knob != "warmup":
                     assert getattr(config, knob) == value
     # Over several seeds, each seed's Adam run is the full study's run of that seed.
-    full = study.study_runs(study.PLANS["full"], tmp_path, tmp_path, "init")
+    screens_alpha = replace(study.PLANS["full"], sma_alphas=(study.SCREEN_SMA_ALPHA,))
+    full = study.study_runs(screens_alpha, tmp_path, tmp_path, "init")
     runs = study.screen_runs(plan, tmp_path, tmp_path, "init", "best", seeds=(0, 1, 2))
     adam = {run: config for run, (meta, config) in runs.items() if meta["variant"] == "Adam"}
     assert len(adam) == 3 * len(study.TRACKS)

@@ -44,6 +44,7 @@ def tiny(out: Path, **changes) -> TrainConfig:
         modes=3,
         embed_every=2,
         embed_rate=0.2,
+        start="warmup",
         out=str(out),
         progress=False,
     )

@@ -90,7 +90,7 @@ class STDETConfig:
     safety_window: int = 20
     safety_tolerance: float = 0.02
     safety_sigmas: float = 2.0
-    start: str = "warmup"
+    start: str = "plateau"
     plateau_window: int | None = None
     plateau_tolerance: float = 0.01
     plateau_sigmas: float = 1.0
