@@ -548,7 +548,7 @@ def test_quick_demo_writes_the_summary_schema(tmp_path) -> None:
     finished = run_cli("demo", "--quick", "--out", str(out), timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"setting", "pretrained", "start", "results", "runs", "wall_s"}
+    assert set(summary) == {"setting", "pretrained", "start", "stdet_config", "results", "runs", "wall_s"}
     results = summary["results"]
     assert set(results) == {"Adam", "Adam + EMA", "STDET", "STDET + SMA"}
     for result in [*results.values(), summary["start"]]:
@@ -566,7 +566,10 @@ def test_quick_demo_writes_the_summary_schema(tmp_path) -> None:
         assert run["average_curve"][-1] == [steps, results[average]["rd_loss"]]
         assert run["wall_s"] > 0 and run["peak_rss_mb"] > 0
     assert summary["runs"]["adam"]["trainable_fraction_end"] == 1.0
-    assert 0 < summary["runs"]["stdet"]["trainable_fraction_end"] <= 1.0
+    assert summary["runs"]["adam"]["trainable_fraction_min"] == 1.0
+    stdet = summary["runs"]["stdet"]
+    assert 0 < stdet["trainable_fraction_min"] <= stdet["trainable_fraction_end"] <= 1.0
+    assert summary["stdet_config"]["warmup_steps"] == summary["setting"]["warmup_steps"]
     shipped = json.loads(PRETRAINED_RECORD.read_text())
     assert summary["pretrained"]["weights_sha256"] == shipped["weights_sha256"]
     for name in ("report.md", "curves.png", "rd_points.png", "adam.out", "stdet.out"):
