@@ -111,6 +111,7 @@ RECIPE_KEYS = (
 # Each run's two results: its live weights and its shadow average.
 LABELS = {"adam": ("Adam", "Adam + EMA"), "stdet": ("STDET", "STDET + SMA")}
 COLORS = {"adam": "C0", "stdet": "C1"}
+WIDTHS = {"adam": 3.0, "stdet": 1.2}  # Adam's wide lines stay visible under STDET's where they coincide
 
 
 def run_config(out: Path, steps: int, lmbda: float, **changes) -> TrainConfig:
@@ -331,9 +332,17 @@ def plot_curves(summary: dict, out: Path) -> Path:
     for name, (live, average) in LABELS.items():
         run, color = summary["runs"][name], COLORS[name]
         steps, losses = zip(*[start, *run["curve"]], strict=True)
-        axes.plot(steps, losses, marker=".", color=color, label=f"{live} (live weights)")
+        width = WIDTHS[name]
+        axes.plot(steps, losses, marker=".", linewidth=width, color=color, label=f"{live} (live weights)")
         steps, losses = zip(*[start, *run["average_curve"]], strict=True)
-        axes.plot(steps, losses, linestyle="--", linewidth=1, color=color, label=f"{average} (its average)")
+        axes.plot(
+            steps,
+            losses,
+            linestyle="--",
+            linewidth=width * 0.7,
+            color=color,
+            label=f"{average} (its average)",
+        )
         axes.plot(steps[-1], losses[-1], marker="*", markersize=11, color=color, linestyle="none")
     axes.axhline(
         summary["results"]["Adam"]["rd_loss"], color="gray", linestyle="--", linewidth=1, label="Adam's final"
