@@ -520,7 +520,7 @@ def run_demo(out: Path, steps: int | None = None, quick: bool = False) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "report.md").write_text(report(summary, plots))
     print(tables(summary))
-    print(embedding_note(summary))
+    print(f"\n{embedding_note(summary)}")
     print(
         f"\nthe demo took {summary['wall_s']:.0f} s; summary: {out / 'summary.json'}, report: "
         f"{out / 'report.md'}, plots: {', '.join(str(path) for path in plots)}"
