@@ -29,7 +29,8 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 
 install: $(VENV)/.installed
 
-# The main job: plain Adam against STDET on the bundled photos (runs/demo: summary.json, report.md, plots).
+# The main job: lambda fine-tuning of the shipped model, Adam (+ EMA) against STDET (+ SMA)
+# (runs/demo: summary.json, report.md, plots).
 demo: $(VENV)/.installed
 	$(VENV)/bin/stdet demo --out runs/demo
 
