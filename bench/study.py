@@ -608,6 +608,7 @@ def study(plan: Plan, out: Path, jobs: int, copy: bool, only: str | None = None)
                 "live": done[name]["live"],
                 "curve": done[name]["curve"],
                 "trainable_fraction_end": done[name]["trainable_fraction_end"],
+                "peak_embedded": peak_embedded(done[name]["log"]),
                 "wall_s": done[name]["wall_s"],
             }
             for name, (meta, _) in runs.items()
@@ -776,6 +777,30 @@ def headline(summary: dict, plan: Plan) -> list[dict]:
     return rows
 
 
+def peak_embedded(log: list[dict]) -> float:
+    """The largest fraction of the embeddable elements a run had embedded at any logged step (0 for a
+    run that never embedded: Adam, or STDET waiting for a plateau)."""
+    return max((1.0 - r["trainable_fraction"] for r in log if r["type"] == "train"), default=0.0)
+
+
+def embedding_table(summary: dict, plan: Plan) -> list[str]:
+    """Per track, lambda and budget: the STDET runs' peak embedded fraction, per seed."""
+    lines = [
+        "| track | lambda | budget | " + " | ".join(f"seed {s}" for s in plan.seeds) + " |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in plan.seeds) + " |",
+    ]
+    runs = summary["runs"]
+    for track in TRACKS:
+        for lmbda in plan.lambdas:
+            for budget in budgets_at(plan, lmbda):
+                cells = []
+                for seed in plan.seeds:
+                    name = f"{track}/lambda{lmbda}/seed{seed}/stdet_sma{plan.sma_alphas[0]}_b{budget}"
+                    cells.append(f"{runs[name]['peak_embedded']:.0%}" if name in runs else "-")
+                lines.append(f"| {track} | {lmbda:g} | {budget:g} S | {' | '.join(cells)} |")
+    return lines
+
+
 def report(summary: dict, plan: Plan, plots: list[str]) -> str:
     early = min(plan.budgets)
     lines = [
@@ -815,6 +840,15 @@ def report(summary: dict, plan: Plan, plots: list[str]) -> str:
             f"{_bd(row['bd_rate_early'], '%')} | {_bd(row['bd_rate_at_S'], '%')} | "
             f"{_percent(row['vs_adam_at_S'])} |"
         )
+    lines += [
+        "",
+        "## How much STDET embedded",
+        "",
+        "The largest fraction of the embeddable elements each STDET run had embedded (0%: it never "
+        "embedded; with start='plateau' it waits until a fixed probe batch's loss is flat).",
+        "",
+        *embedding_table(summary, plan),
+    ]
     for track in TRACKS:
         lines += [
             "",
@@ -1146,7 +1180,10 @@ def screen_runs(
             ),
         )  # fmt: skip
         for variant, knobs in variants.items():
-            knobs = dict(knobs)
+            # A screen's variants embed from the warm-up's end unless they say otherwise: the screens
+            # before `plateau` ran while that was the library's default, and pinning it keeps their
+            # tables reproducible now that the default waits for a plateau.
+            knobs = {"start": "warmup", **knobs}
             stdet = stdet_knobs(steps)
             if "warmup" in knobs:
                 warmup = budget_steps(steps, knobs.pop("warmup"))

@@ -195,9 +195,20 @@ def test_report_renders_every_table():
         "eval_photos": [name for name, _, _ in study.EVAL_PHOTOS],
         "run_wall_s": 3600.0,
         "wall_s": 1800.0,
+        # One STDET run that embedded 40% at its peak, one that never embedded.
+        "runs": {
+            f"scratch/lambda{plan.lambdas[0]}/seed0/stdet_sma{plan.sma_alphas[0]}_b1.0": {
+                "peak_embedded": 0.4
+            },
+            f"finetune/lambda{plan.lambdas[0]}/seed0/stdet_sma{plan.sma_alphas[0]}_b1.0": {
+                "peak_embedded": 0.0
+            },
+        },
     }
     text = study.report(summary, plan, ["study_budget.png"])
     assert "## Headline" in text and "## finetune: final eval RD loss" in text
+    assert f"| scratch | {plan.lambdas[0]:g} | 1 S | 40% | - | - |" in text
+    assert f"| finetune | {plan.lambdas[0]:g} | 1 S | 0% | - | - |" in text
     assert "not reached" in text  # STDET never reaches Adam's final RD loss
     assert "![study_budget.png](study_budget.png)" in text
 
@@ -209,6 +220,17 @@ def test_records_of_run_splits_live_and_average():
     live_record, average_record = study.records_of_run(meta, summary, live)
     assert (live_record["method"], live_record["rd_loss"]) == ("STDET", 1.1)
     assert (average_record["method"], average_record["rd_loss"]) == ("STDET + SMA", 1.0)
+
+
+def test_peak_embedded_reads_the_train_log():
+    log = [
+        {"type": "train", "trainable_fraction": 1.0},
+        {"type": "eval", "rd_loss": 3.0},
+        {"type": "train", "trainable_fraction": 0.25},
+        {"type": "train", "trainable_fraction": 1.0},  # released at the lr's drop
+    ]
+    assert study.peak_embedded(log) == 0.75
+    assert study.peak_embedded([{"type": "eval"}]) == 0.0
 
 
 def test_eval_photos_are_held_out_from_training():
