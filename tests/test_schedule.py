@@ -395,6 +395,22 @@ def test_sensitivity_is_tracked_in_the_window_before_each_round_only() -> None:
     assert st.layout.track_sensitivity == (0.9, "taylor") and st.layout.sensitivity.abs().sum() == 0
 
 
+def _resume(model, optimizer, setup):
+    """A trainer's checkpoint round trip: the model's and optimizer's state dicts and the RNG state
+    through torch.save/load, loaded into a fresh `setup()` the way `stdet train --resume` does
+    (STDET's own state travels inside the model's state dict)."""
+    buffer = io.BytesIO()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    torch.save(state, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+    model, optimizer, st = setup()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return model, optimizer, st
+
+
 def _train_with_drop(model, optimizer, st, steps: range, drop_at: int, losses=None) -> None:
     """`_train` under a step schedule: the lr 10x lower from step `drop_at` (0-based) on."""
     for step in steps:
@@ -450,19 +466,7 @@ def test_release_keeps_the_embedded_values_and_resumes_exactly() -> None:
     resumed: list[float] = []
     model, optimizer, st = _setup(config)
     _train_with_drop(model, optimizer, st, range(44), drop_at=39, losses=resumed)
-    checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-    }
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=False)
-    model, optimizer, st = _setup(config)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"])
+    model, optimizer, st = _resume(model, optimizer, lambda: _setup(config))
     assert st.phase == "released"
     _train_with_drop(model, optimizer, st, range(44, 50), drop_at=39, losses=resumed)
     assert resumed == straight
@@ -590,19 +594,7 @@ def test_resumed_run_with_acceleration_matches_the_uninterrupted_one() -> None:
     resumed: list[float] = []
     _train(model, optimizer, st, range(27), resumed)  # mid-window: 25, 26, 27 recorded
     assert st.trajectory.count == 3
-    checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-    }
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=False)
-    model, optimizer, st = _setup_probed(config)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"])
+    model, optimizer, st = _resume(model, optimizer, lambda: _setup_probed(config))
     assert st.trajectory.count == 3
     _train(model, optimizer, st, range(27, 41), resumed)
     assert resumed == straight
@@ -749,19 +741,7 @@ def test_a_run_waiting_for_the_plateau_resumes_exactly() -> None:
     resumed: list[float] = []
     _train(model, optimizer, st, range(33), resumed)
     phase_at_cut = st.phase
-    checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-    }
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=False)
-    model, optimizer, st = _setup_probed(config, make_probe)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"])
+    model, optimizer, st = _resume(model, optimizer, lambda: _setup_probed(config, make_probe))
     assert st.phase == phase_at_cut
     _train(model, optimizer, st, range(33, 60), resumed)
     assert resumed == straight

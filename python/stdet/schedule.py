@@ -250,11 +250,12 @@ class STDET:
                 self.recorder.record()
             looks = self.phase == "warmup" or self.step_count % self.snapshot_interval == 0
             if self.step_count >= self.config.warmup_steps and looks:
-                if self.config.start == "warmup" or self._trend() == "flat":
+                trend = "flat" if self.config.start == "warmup" else self._trend()
+                if trend == "flat":
                     self._start_embedding()
                 elif self.phase == "warmup":
                     self.phase = "waiting"
-                    self.history.append({"step": self.step_count, "event": "waiting", "trend": self._trend()})
+                    self.history.append({"step": self.step_count, "event": "waiting", "trend": trend})
             return
         if self.config.refit and self.step_count % self.snapshot_interval == 0:
             # The FREE elements are the tracked ones, and each reference element's value is its ref.
@@ -292,10 +293,7 @@ class STDET:
         if self.config.start != "plateau" or self.stopped or self.step_count % self.snapshot_interval:
             return
         if self.probe is not None:
-            # An SMA sample waiting for the next forward is of the weights training goes on from.
-            pending_sample, self.layout.pending_sample = self.layout.pending_sample, None
             value = self._probe_loss()
-            self.layout.pending_sample = pending_sample
         else:
             recent = [loss for step, loss in self.losses if step > self.step_count - self.snapshot_interval]
             if not recent:
@@ -516,9 +514,6 @@ class STDET:
             # Per FREE element: how far it moves per unit of its reference's move.
             follow = (torch.where(r2 >= config.accelerate_free_r2, a, 0.0), self.refit.mode.long())
             start_free = free_values.detach().clone()
-        # An SMA sample waiting for the next forward is of the weights training goes on from: the
-        # probe's forwards must not take it.
-        pending_sample, self.layout.pending_sample = self.layout.pending_sample, None
         before = self._probe_loss()
         tried, accepted = [], 0.0
         for ahead in (horizon, horizon / 2):
@@ -531,7 +526,6 @@ class STDET:
                 break
         else:
             self._move_along_modes(start_refs, None, start_free, follow)
-        self.layout.pending_sample = pending_sample
         event = {
             "step": self.step_count,
             "event": "accelerate",
@@ -571,8 +565,14 @@ class STDET:
     def _probe_loss(self) -> float:
         """The caller's probe loss (without gradients; averaged over the ranks, so that every rank
         takes the same decision); NaN counts as worse than anything."""
-        with torch.no_grad():
-            value = float(self.probe())
+        # An SMA sample waiting for the next forward is of the weights training goes on from: the
+        # probe's forward must not take it.
+        pending_sample, self.layout.pending_sample = self.layout.pending_sample, None
+        try:
+            with torch.no_grad():
+                value = float(self.probe())
+        finally:
+            self.layout.pending_sample = pending_sample
         return _mean_over_ranks(value)
 
     # ------------------------------------------------------------------------------------------
