@@ -27,7 +27,8 @@ class Inputs:
 
 
 def make_codes(n: int, num_modes: int, mix: str, generator: torch.Generator) -> torch.Tensor:
-    """Codes for n elements: 'mixed' is about 50% FREE, 10% DUMMY and 40% spread over the modes."""
+    """Codes for n elements: 'mixed' is about 50% FREE, 10% DUMMY and 40% spread over the modes;
+    'mostly_free' 95% FREE and 'mostly_embedded' 5% (the rest as in 'mixed': a fifth DUMMY)."""
     if mix == "all_free":
         return torch.full((n,), FREE, dtype=torch.uint8)
     if mix == "all_dummy":
@@ -35,10 +36,12 @@ def make_codes(n: int, num_modes: int, mix: str, generator: torch.Generator) -> 
     modes = torch.randint(0, num_modes, (n,), generator=generator).to(torch.uint8)
     if mix == "all_embedded":
         return modes
-    if mix != "mixed":
+    free = {"mixed": 0.5, "mostly_free": 0.95, "mostly_embedded": 0.05}.get(mix)
+    if free is None:
         raise ValueError(f"mix: unknown {mix!r}")
     draw = torch.rand(n, generator=generator)
-    return torch.where(draw < 0.5, FREE, torch.where(draw < 0.6, DUMMY, modes)).to(torch.uint8)
+    dummy = free + 0.2 * (1.0 - free)
+    return torch.where(draw < free, FREE, torch.where(draw < dummy, DUMMY, modes)).to(torch.uint8)
 
 
 def make_inputs(

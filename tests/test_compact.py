@@ -16,6 +16,9 @@ CASES = (
     + [(4097, "mixed", 10, torch.float32, coef) for coef in (torch.bfloat16, torch.float16)]
     + [(4097, "mixed", 10, dtype, dtype) for dtype in (torch.bfloat16, torch.float16)]
     + [(100_003, "all_embedded", 254, torch.bfloat16, torch.bfloat16)]
+    # Blocks nearly all of one kind (the C++ forward takes a branch per element there).
+    + [(n, mix, 10, torch.float32, torch.float32) for n in (4097, 100_003) for mix in ("mostly_free", "mostly_embedded")]
+    + [(4097, mix, 10, torch.bfloat16, torch.float16) for mix in ("mostly_free", "mostly_embedded")]
 )
 
 
