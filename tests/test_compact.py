@@ -9,6 +9,7 @@ from helpers import MIXES, Target, assert_verbose_close, flash_tolerance, make_i
 import stdet_kernels
 from stdet_kernels import COMPACT_BLOCK, FREE, reference
 
+NEARLY_ONE_KIND = ("mostly_free", "mostly_embedded")
 SIZES = (1, 2, 1023, COMPACT_BLOCK, COMPACT_BLOCK + 1, 4097, 100_003)
 CASES = (
     [(n, mix, 10, torch.float32, torch.float32) for n in SIZES for mix in MIXES]
@@ -17,8 +18,8 @@ CASES = (
     + [(4097, "mixed", 10, dtype, dtype) for dtype in (torch.bfloat16, torch.float16)]
     + [(100_003, "all_embedded", 254, torch.bfloat16, torch.bfloat16)]
     # Blocks nearly all of one kind (the C++ forward takes a branch per element there).
-    + [(n, mix, 10, torch.float32, torch.float32) for n in (4097, 100_003) for mix in ("mostly_free", "mostly_embedded")]
-    + [(4097, mix, 10, torch.bfloat16, torch.float16) for mix in ("mostly_free", "mostly_embedded")]
+    + [(n, mix, 10, torch.float32, torch.float32) for n in (4097, 100_003) for mix in NEARLY_ONE_KIND]
+    + [(4097, mix, 10, torch.bfloat16, torch.float16) for mix in NEARLY_ONE_KIND]
 )
 
 
