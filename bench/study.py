@@ -1158,7 +1158,30 @@ SCREENS = {
             },
         },
     ),
+    "long": (
+        "Written before it ran, after the full study (0 of 60 STDET runs embedded: at S = 1600 the probe "
+        "loss still falls when the lr drops, so start='plateau' never starts). Question: in a longer "
+        "fine-tuning (S = 6000, 3.75 times the study's; lambda 0.013 from the study's pretrained model; "
+        "same lr, its drop at 0.85 S; STDET's step counts scaled with S, the library's defaults "
+        "otherwise, start='plateau') does the probe loss flatten in the constant phase, so that STDET "
+        "embeds, and where it does, does embedding at a plateau do harm (live weights more than +0.5% "
+        "above Adam's at S) or good? Hypothesis: the fine-tuning curve flattens within 0.6 S, STDET "
+        "embeds from there, and because the model no longer learns much by then the harm is within "
+        "+0.5%. The second variant ties every chosen element to its reference instead of freezing the "
+        "poorly fitted ones (`fit` screen: tying halved the harm). Fine-tuning only: from scratch the "
+        "study's models still learn fast at S (and their PSNR does not rise with lambda). Shadow EMA at "
+        "the study's alpha 0.2.",
+        {
+            "plateau (library defaults)": {"start": "plateau"},
+            "plateau, all tied": {"start": "plateau", "min_r2": 0.0, "max_drift": 1e9},
+        },
+    ),
 }
+
+# Settings of screens that do not run on the quick plan's cell as it is: S, the tracks, the shadow
+# EMA's alpha. The others run both tracks at S = the quick plan's, alpha SCREEN_SMA_ALPHA, and share
+# the study's Adam runs.
+SCREEN_SETTINGS = {"long": {"steps": 6000, "tracks": ("finetune",), "alpha": SMA_ALPHA}}
 
 
 def screen_runs(
@@ -1167,9 +1190,11 @@ def screen_runs(
     """name -> (meta, TrainConfig) of screen `name`'s STDET runs and the Adam runs they are judged by
     (the study's own Adam runs at S, so they are shared with its cache), for each of `seeds`."""
     _, variants = SCREENS[name]
-    steps, lmbda, alpha = plan.steps, plan.extra_lambda, SCREEN_SMA_ALPHA
+    settings = SCREEN_SETTINGS.get(name, {})
+    steps, lmbda = settings.get("steps", plan.steps), plan.extra_lambda
+    alpha = settings.get("alpha", SCREEN_SMA_ALPHA)
     runs = {}
-    for track, seed in itertools.product(TRACKS, seeds):
+    for track, seed in itertools.product(settings.get("tracks", TRACKS), seeds):
         common = {
             "method": "stdet",
             "sma_every": plan.sma_every,
@@ -1177,6 +1202,8 @@ def screen_runs(
             "init": init if track == "finetune" else None,
         }
         adam = f"{track}/lambda{lmbda}/seed{seed}/adam_sma{alpha}_b1.0"  # the study's run: cached
+        if settings:  # a run of this screen's own
+            adam = f"screens/{name}/Adam/{track}" + (f"_seed{seed}" if seed else "")
         runs[adam] = (
             {"track": track, "variant": "Adam", "seed": seed},
             train_config(
@@ -1204,6 +1231,10 @@ def screen(plan: Plan, out: Path, name: str, jobs: int, copy: bool, seeds: tuple
     """Run screen `name` and write its table: per variant and track, the final RD loss at S (live
     weights and SMA average) against Adam's live weights at S, and the embedded fraction at the end."""
     hypothesis, variants = SCREENS[name]
+    settings = SCREEN_SETTINGS.get(name, {})
+    steps = settings.get("steps", plan.steps)
+    tracks = settings.get("tracks", TRACKS)
+    alpha = settings.get("alpha", SCREEN_SMA_ALPHA)
     photos = eval_photos(out)
     _, init, note = pretrained(plan, out, photos)
     runs = screen_runs(plan, out, photos, str(init), name, seeds)
@@ -1217,9 +1248,9 @@ def screen(plan: Plan, out: Path, name: str, jobs: int, copy: bool, seeds: tuple
         f"{hypothesis}",
         "",
         f"Setting: the quick plan's cell ({plan.arch} N={plan.N} M={plan.M}, lambda "
-        f"{plan.extra_lambda}, seeds {', '.join(map(str, seeds))}, S = {plan.steps}, lr {LR:g} with "
+        f"{plan.extra_lambda}, seeds {', '.join(map(str, seeds))}, S = {steps}, lr {LR:g} with "
         f"the 10x drop at {DROP_AT:g} S, "
-        f"shadow SMA every {plan.sma_every} steps at alpha {SCREEN_SMA_ALPHA:g}); STDET's step "
+        f"shadow SMA every {plan.sma_every} steps at alpha {alpha:g}); STDET's step "
         "counts scaled with S as in the study (warm-up S/5, a round every S/50), the other knobs the "
         "library's defaults unless the variant says. Final eval RD loss with real entropy coding on "
         "the held-out photos; change against Adam's live weights at S, same track and seed. "
@@ -1244,7 +1275,7 @@ def screen(plan: Plan, out: Path, name: str, jobs: int, copy: bool, seeds: tuple
             "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         ]
     for variant in ["Adam", *variants]:
-        for track in TRACKS:
+        for track in tracks:
             live_change, average_change, embedded = [], [], []
             for seed in seeds:
                 summary = results[track, variant, seed]
