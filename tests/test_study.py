@@ -82,20 +82,26 @@ def test_policy_screens_judge_against_the_quick_plans_own_adam_runs(tmp_path):
     quick = study.study_runs(plan, tmp_path, tmp_path, "init")
     for name, (_, variants) in study.SCREENS.items():
         runs = study.screen_runs(plan, tmp_path, tmp_path, "init", name)
+        settings = study.SCREEN_SETTINGS.get(name, {})
+        steps, tracks = settings.get("steps", plan.steps), settings.get("tracks", study.TRACKS)
         adam = {run: config for run, (meta, config) in runs.items() if meta["variant"] == "Adam"}
-        assert len(adam) == len(study.TRACKS)
+        assert len(adam) == len(tracks)
         for run, config in adam.items():
-            assert config.to_toml() == quick[run][1].to_toml()
+            if settings:  # a screen of its own S, tracks or horizon: Adam runs of its own too
+                assert run.startswith(f"screens/{name}/") and config.method == "adam"
+                assert config.steps == steps and config.sma_alpha == settings.get("alpha", config.sma_alpha)
+            else:
+                assert config.to_toml() == quick[run][1].to_toml()
         stdet = [(meta, config) for meta, config in runs.values() if meta["variant"] != "Adam"]
-        assert len(stdet) == len(variants) * len(study.TRACKS)
+        assert len(stdet) == len(variants) * len(tracks)
         for meta, config in stdet:
-            assert config.method == "stdet" and config.steps == plan.steps
+            assert config.method == "stdet" and config.steps == steps
             assert config.init == ("init" if meta["track"] == "finetune" else None)
             knobs = variants[meta["variant"]]
             if "warmup" in knobs:
-                assert config.warmup_steps == study.budget_steps(plan.steps, knobs["warmup"])
+                assert config.warmup_steps == study.budget_steps(steps, knobs["warmup"])
             else:
-                assert config.warmup_steps == plan.steps // 5
+                assert config.warmup_steps == steps // 5
             for knob, value in knobs.items():
                 if knob != "warmup":
                     assert getattr(config, knob) == value

@@ -313,7 +313,7 @@ def test_eval_live_codes_the_live_weights_beside_the_average_and_changes_no_step
     from stdet.export import read_plain_state_dict
     from stdet.train import load_model
 
-    plain = tiny(tmp_path / "plain", method=method, sma_every=2)
+    plain = tiny(tmp_path / "plain", method=method, sma_every=2, sma_guard=False)  # the average, always
     both = replace(plain, out=str(tmp_path / "both"), eval_live=True)
     assert "\neval_live =" not in plain.to_toml()
     summary_plain, summary_both = train(plain), train(both)
@@ -613,3 +613,52 @@ def test_resume_from_the_written_config_finds_its_checkpoint(tmp_path, capsys) -
     assert main(["train", "--config", config, "--steps", "6", "--resume"]) == 0
     assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 3, 4, 5, 6]
     assert "done: 6 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["adam", "stdet"])
+def test_sma_guard_hands_out_the_live_weights_where_the_probe_says_the_average_is_worse(
+    tmp_path, method
+) -> None:
+    """The guard compares the probe batch's loss with the live weights and with the average at every
+    evaluation: each eval record carries both and names the weights handed out, which are the
+    average exactly where its probe loss is not higher. The eval and the exported model are of those
+    weights; without the guard they are the average whatever the probe says. Training is the same."""
+    from stdet.data import bundled_images
+    from stdet.evaluate import evaluate
+    from stdet.export import read_plain_state_dict
+    from stdet.train import load_model
+
+    # lr 1e-2: a fast-moving model, so that the average, lagging, is worse somewhere
+    guarded = tiny(tmp_path / "guarded", method=method, sma_every=1, sma_alpha=0.1, lr=1e-2, eval_every=2)
+    assert TrainConfig().sma_guard is None and "\nsma_guard =" not in guarded.to_toml()
+    plain = replace(guarded, out=str(tmp_path / "plain"), sma_guard=False, eval_live=True)
+    summary_guarded, summary_plain = train(guarded), train(plain)
+    evals_guarded, evals_plain = records(tmp_path / "guarded", "eval"), records(tmp_path / "plain", "eval")
+    expected = "average" if method == "stdet" else None  # the guard's default: on for stdet only
+    chosen = []
+    for guarded_record, plain_record in zip(evals_guarded, evals_plain, strict=True):
+        probe = guarded_record["probe"]
+        assert probe == plain_record["probe"]  # the same training, the same probes
+        assert plain_record["weights"] == "average"
+        worse = probe["average"] > probe["live"]
+        chosen.append(guarded_record["weights"])
+        if method == "stdet":
+            assert guarded_record["weights"] == ("live" if worse else expected)
+            source = plain_record["live"] if worse else plain_record
+        else:
+            assert guarded_record["weights"] == "average"  # adam: the guard is off by default
+            source = plain_record
+        assert guarded_record["rd_loss"] == pytest.approx(source["rd_loss"], rel=1e-6)
+    if method == "stdet":
+        assert "live" in chosen, "the test's run never made the average worse: it checks nothing"
+        assert summary_guarded["final_weights"] == chosen[-1]
+        exported = torch.load(tmp_path / "guarded" / "model.pth", weights_only=True)
+        model = load_model(guarded.arch, exported)
+        coded = evaluate(model, bundled_images("eval"), guarded.metric, guarded.lmbda)
+        assert coded["mean"]["rd_loss"] == pytest.approx(summary_guarded["final_eval"]["rd_loss"], rel=1e-4)
+        if chosen[-1] == "live":
+            live_weights, _ = read_plain_state_dict(tmp_path / "guarded" / "last.ckpt", raw=True)
+            for key, tensor in live_weights.items():
+                if tensor.is_floating_point():
+                    assert torch.equal(exported[key], tensor), key
+    assert summary_plain["final_weights"] == "average"

@@ -232,6 +232,13 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     add("--sma-every", type=int, default=s, help="0 = no SMA")
     add("--sma-alpha", type=_sma_alpha, default=s, help="a number in (0, 1] or 'uniform'")
     add("--sma-mode", default=s, help="shadow or feedback")
+    add(
+        "--sma-guard",
+        action=argparse.BooleanOptionalAction,
+        default=s,
+        help="with shadow SMA, hand out (evaluate, export) the average only where the probe batch's "
+        "loss is not higher with it than with the live weights (default: on for stdet, off for adam)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ sample (free values and references of the layout; no optimizer state is touched)
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -191,6 +191,14 @@ class SMA:
                     setattr(module, attribute, buffer)  # update() may have resized it
             if layout is not None:
                 layout.override = None
+
+    def probe_both(self, probe: Callable[[], float]) -> tuple[float, float]:
+        """(`probe` with the live weights, `probe` with the average): a caller's fixed-batch loss,
+        deterministic, to judge whether the average is worth handing out (``sma_guard``)."""
+        live = float(probe())
+        with self.swap():
+            average = float(probe())
+        return live, average
 
     # ------------------------------------------------------------------------------------------
 

@@ -144,6 +144,9 @@ class TrainConfig:
     sma_every: int = STDETConfig.sma_every
     sma_alpha: float = STDETConfig.sma_alpha
     sma_mode: str = STDETConfig.sma_mode
+    # None: STDETConfig's default (on) for method "stdet"; off for "adam", whose average is the plain
+    # EMA a user tries first (torch's AveragedModel). Left out of run.toml when None.
+    sma_guard: bool | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, minimum: int = 1) -> None:
@@ -207,7 +210,7 @@ class TrainConfig:
         knobs += ("max_embedded", "protect", "min_r2", "safety_window", "safety_tolerance", "safety_sigmas")
         knobs += ("sma_every", "sma_alpha", "sma_mode")
         values = {name: getattr(self, name) for name in knobs}
-        optional = ("max_drift", "continuity", "sensitivity", "release", "sma_restart")
+        optional = ("max_drift", "continuity", "sensitivity", "release", "sma_restart", "sma_guard")
         optional += ("accelerate_every", "accelerate_horizon", "accelerate_free_r2")
         optional += ("start", "plateau_window", "plateau_tolerance", "plateau_sigmas")
         values.update({name: getattr(self, name) for name in optional})
@@ -465,18 +468,29 @@ class Trainer:
         self.aux_optimizer = torch.optim.Adam(aux, lr=config.aux_lr) if aux else None
         self.stdet: STDET | None = None
         self.sma: SMA | None = None
-        if config.method == "stdet":
-            stdet_config = config.stdet_config()
-            probe = None
-            if stdet_config.accelerate_every or stdet_config.start == "plateau":
-                # A batch of training crops of its own (a generator no training batch uses), drawn once.
-                probe_crops = RandomCrops(train_images, config.patch_size, config.seed + PROBE_SEED_OFFSET)
-                self.probe_batch = probe_crops.batch(0, config.batch_size).to(self.device)
-                probe = self.probe_loss
+        # A batch of training crops of its own (a generator no training batch uses), drawn once: the
+        # probe of STDET's plateau test and accelerations, and of the SMA guard (recorded at every
+        # evaluation with a shadow average, the guard on or not).
+        self.probe_batch: torch.Tensor | None = None
+        shadow = config.sma_every > 0 and config.sma_mode == "shadow"
+        stdet_config = config.stdet_config() if config.method == "stdet" else None
+        probing = stdet_config is not None and bool(
+            stdet_config.accelerate_every or stdet_config.start == "plateau"
+        )
+        if probing or shadow:
+            probe_crops = RandomCrops(train_images, config.patch_size, config.seed + PROBE_SEED_OFFSET)
+            self.probe_batch = probe_crops.batch(0, config.batch_size).to(self.device)
+        if stdet_config is not None:
+            probe = self.probe_loss if probing else None
             self.stdet = STDET(self.model, self.optimizer, stdet_config, probe=probe)
             self.sma = self.stdet.sma
-        elif config.sma_every:
-            self.sma = SMA(self.model, config.sma_every, config.sma_alpha, config.sma_mode)
+            self.sma_guard = stdet_config.sma_guard
+        else:
+            if config.sma_every:
+                self.sma = SMA(self.model, config.sma_every, config.sma_alpha, config.sma_mode)
+            self.sma_guard = bool(config.sma_guard)
+        # Whether the last evaluation (and so the exported model) used the average or the live weights.
+        self.handed_out = "average"
 
         self.step = 0
         self.wall_s = 0.0
@@ -535,6 +549,7 @@ class Trainer:
         self.final_eval = checkpoint.get("final_eval")
         self.live_curve = [list(point) for point in checkpoint.get("live_curve", [])]
         self.live_final_eval = checkpoint.get("live_final_eval")
+        self.handed_out = checkpoint.get("handed_out", "average")
 
     def checkpoint(self) -> None:
         """Rank 0 writes; every rank must call it (their generators' states are gathered)."""
@@ -559,6 +574,7 @@ class Trainer:
             "final_eval": self.final_eval,
             "live_curve": self.live_curve,
             "live_final_eval": self.live_final_eval,
+            "handed_out": self.handed_out,
         }
         _atomic_save(state, self.out / "last.ckpt")
 
@@ -753,11 +769,19 @@ class Trainer:
 
     def _evaluate_and_log(self) -> None:
         averaged = self.averaging()
-        mean = self.evaluate()["mean"]
+        probes = None
+        if averaged and self.probe_batch is not None:
+            live_probe, average_probe = self.sma.probe_both(self.probe_loss)
+            probes = {"live": live_probe, "average": average_probe}
+            averaged = not (self.sma_guard and average_probe > live_probe)
+        self.handed_out = "average" if averaged else "live"
+        mean = self.evaluate()["mean"] if averaged else self.evaluate_live()["mean"]
         self.final_eval = {key: mean[key] for key in ("bpp", "psnr", "rd_loss")}
         if not self.curve or self.curve[-1][0] != self.step:
             self.curve.append([self.step, mean["rd_loss"]])
         record = {"type": "eval", "step": self.step, **mean}
+        if probes is not None:
+            record["probe"], record["weights"] = probes, self.handed_out
         if self.config.eval_live:
             live = self.evaluate_live()["mean"] if averaged else mean
             self.live_final_eval = {key: live[key] for key in ("bpp", "psnr", "rd_loss")}
@@ -776,11 +800,14 @@ class Trainer:
             "wall_s": self.wall_s,
             "peak_rss_mb": peak_rss_mb(),
         }
+        if self.averaging():
+            summary["final_weights"] = self.handed_out  # "average", or "live" where the guard said so
         if self.config.eval_live:
             summary["live_final_eval"] = self.live_final_eval
             summary["live_curve"] = self.live_curve
         if self.rank == 0:
-            torch.save(export_state_dict(self.model, self.sma), self.out / "model.pth")
+            sma = self.sma if self.handed_out == "average" else None
+            torch.save(export_state_dict(self.model, sma), self.out / "model.pth")
             _atomic_write_text(json.dumps(summary, indent=2) + "\n", self.out / "summary.json")
         return summary
 
