@@ -201,13 +201,20 @@ def test_report_renders_every_table():
         "eval_photos": [name for name, _, _ in study.EVAL_PHOTOS],
         "run_wall_s": 3600.0,
         "wall_s": 1800.0,
-        # One STDET run that embedded 40% at its peak, one that never embedded.
+        # One STDET run that embedded 40% at its peak and whose SMA guard handed out the live
+        # weights, one that never embedded and ended with its average.
         "runs": {
             f"scratch/lambda{plan.lambdas[0]}/seed0/stdet_sma{plan.sma_alphas[0]}_b1.0": {
-                "peak_embedded": 0.4
+                "peak_embedded": 0.4,
+                "track": "scratch",
+                "kind": "stdet",
+                "final_weights": "live",
             },
             f"finetune/lambda{plan.lambdas[0]}/seed0/stdet_sma{plan.sma_alphas[0]}_b1.0": {
-                "peak_embedded": 0.0
+                "peak_embedded": 0.0,
+                "track": "finetune",
+                "kind": "stdet",
+                "final_weights": "average",
             },
         },
     }
@@ -215,6 +222,7 @@ def test_report_renders_every_table():
     assert "## Headline" in text and "## finetune: final eval RD loss" in text
     assert f"| scratch | {plan.lambdas[0]:g} | 1 S | 40% | - | - |" in text
     assert f"| finetune | {plan.lambdas[0]:g} | 1 S | 0% | - | - |" in text
+    assert "| scratch | 1 | 1 | 0 |" in text and "| finetune | 1 | 0 | 1 |" in text  # the guard's choices
     assert "not reached" in text  # STDET never reaches Adam's final RD loss
     assert "![study_budget.png](study_budget.png)" in text
 
