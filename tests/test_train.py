@@ -558,6 +558,9 @@ def test_quick_demo_writes_the_summary_schema(tmp_path) -> None:
         results["STDET"]["rd_loss"] / results["Adam"]["rd_loss"] - 1
     )
     assert results["Adam + EMA"] != results["Adam"]  # the average is coded, not the live weights again
+    assert summary["runs"]["adam"]["final_weights"] == "average"  # the plain EMA: no guard
+    guarded = summary["runs"]["stdet"]["final_weights"]  # STDET's SMA guard: either, and said so
+    assert guarded in ("average", "live") and f"handed out the {guarded}" in (out / "report.md").read_text()
     steps = summary["setting"]["steps"]
     for name, (live, average) in LABELS.items():
         run = summary["runs"][name]

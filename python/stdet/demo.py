@@ -34,12 +34,14 @@ Files in ``--out``: ``adam/`` and ``stdet/`` (each run's folder), ``summary.json
                  {**result, "change_vs_adam"}},   # RD loss relative to Adam's: -0.01 is 1% lower
      "stdet_config": {knob: value},          # every STDETConfig knob the STDET run used
      "runs": {"adam" | "stdet": {"method", "curve", "average_curve", "trainable_fraction_min",
-                                 "trainable_fraction_end", "wall_s", "peak_rss_mb"}},
+                                 "trainable_fraction_end", "wall_s", "peak_rss_mb",
+                                 "final_weights"}},  # "average", or "live" where the SMA guard said so
      "wall_s": float}                         # the whole demo, pretrained check to report
 
 with ``result = {"bpp", "psnr", "rd_loss"}`` (means over the eval photos, real entropy coding),
 ``curve`` the live weights' ``[[step, eval RD loss], ...]``, ``average_curve`` the train loop's
-(the shadow average's once it has a sample) and ``trainable_fraction_min`` the least trainable
+(the shadow average's once it has a sample; for STDET, whose SMA guard is on, the live weights' at an
+evaluation where the average's probe loss was higher) and ``trainable_fraction_min`` the least trainable
 fraction the run's log records (1.0: STDET embedded nothing).
 
 Steps to reach Adam's final RD loss are not reported: a point on a curve before its run's end has not
@@ -341,7 +343,8 @@ def plot_curves(summary: dict, out: Path) -> Path:
             linestyle="--",
             linewidth=width * 0.7,
             color=color,
-            label=f"{average} (its average)",
+            label=f"{average} (its average"
+            + (", guarded)" if run.get("final_weights") and name == "stdet" else ")"),
         )
         axes.plot(steps[-1], losses[-1], marker="*", markersize=11, color=color, linestyle="none")
     axes.axhline(
@@ -440,6 +443,24 @@ def embedding_note(summary: dict) -> str:
     )
 
 
+def guard_note(summary: dict) -> str:
+    """Which weights STDET + SMA's result is of: the SMA guard hands out the average only where the
+    probe batch's loss is not higher with it."""
+    handed_out = summary["runs"]["stdet"].get("final_weights")
+    if handed_out is None:
+        return ""
+    which = (
+        "the average (its probe loss was not higher than the live weights')"
+        if handed_out == "average"
+        else "the live weights (the average's probe loss was higher), so it equals STDET's row"
+    )
+    return (
+        f"STDET's SMA guard (`sma_guard`, on by default) compared a fixed probe batch's loss with the "
+        f"live weights and with the average at each evaluation; at the last one it handed out {which}. "
+        "Adam + EMA is the plain average. "
+    )
+
+
 def report(summary: dict, plots: list[Path]) -> str:
     setting = summary["setting"]
     steps = setting["steps"]
@@ -457,7 +478,7 @@ def report(summary: dict, plots: list[Path]) -> str:
         "weights and that average are each coded for real (RD loss lambda * 255^2 * MSE + bpp) on the "
         "bundled eval photos coffee, flower and grace_hopper, none of them trained on.\n\n"
         f"{tables(summary)}\n\n"
-        f"{embedding_note(summary)} "
+        f"{embedding_note(summary)} {guard_note(summary)}"
         "One seed at one lambda: this shows the method in the regime it is meant for and what the "
         "pipeline measures; it is a demonstration, not a result. Another seed moves such differences by "
         "a few percent; the study (`make study`, bench/study.py) repeats the comparison over seeds, "
@@ -508,6 +529,7 @@ def run_demo(out: Path, steps: int | None = None, quick: bool = False) -> dict:
                     record["trainable_fraction"] for record in _log_records(Path(configs[name].out), "train")
                 ),
                 **{key: run[key] for key in ("trainable_fraction_end", "wall_s", "peak_rss_mb")},
+                "final_weights": run.get("final_weights"),
             }
             for name, run in runs.items()
         },
