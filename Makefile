@@ -52,6 +52,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_sma.py
 	$(PY) bench/bench_step.py
+	$(PY) bench/bench_adam.py
 
 # The study (bench/study.py): Adam, Adam + EMA, STDET, STDET + SMA from scratch and in lambda
 # fine-tuning, 3 seeds x 4 lambdas, complete runs at 0.4-1.0 S (about 1.5 h on 2 cores; runs/study,
