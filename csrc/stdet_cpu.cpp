@@ -257,6 +257,20 @@ inline uint64_t free_mask(const uint8_t* __restrict__ code, int64_t length) {
   return mask;
 }
 
+// The FREE elements (set bits) and the others of the word of up to 64 codes from code[word], the
+// codes from `end` on left out.
+struct WordMasks {
+  uint64_t free_bits;
+  uint64_t other_bits;
+};
+
+inline WordMasks word_masks(const uint8_t* __restrict__ code, int64_t word, int64_t end) {
+  const int64_t length = std::min<int64_t>(64, end - word);
+  const uint64_t valid = length == 64 ? ~uint64_t{0} : (uint64_t{1} << length) - 1;
+  const uint64_t free_bits = free_mask(code + word, length);
+  return {free_bits, ~free_bits & valid};
+}
+
 // w for blocks [block_begin, block_end), and when kWithAverage sma += alpha * (w - sma) there.
 //
 // As in the backward: a block all FREE is a contiguous conversion and a block with none FREE a
@@ -310,10 +324,7 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
       int64_t free_slot = free_begin;
       int64_t embedded_slot = embedded_begin;
       for (int64_t word = begin; word < end; word += 64) {
-        const int64_t length = std::min<int64_t>(64, end - word);
-        const uint64_t valid = length == 64 ? ~uint64_t{0} : (uint64_t{1} << length) - 1;
-        uint64_t free_bits = free_mask(code + word, length);
-        uint64_t other_bits = ~free_bits & valid;
+        auto [free_bits, other_bits] = word_masks(code, word, end);
         while (free_bits != 0) {
           const int64_t i = word + __builtin_ctzll(free_bits);
           free_bits &= free_bits - 1;
@@ -462,10 +473,7 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
     } else {
       int64_t free_so_far = 0;
       for (int64_t word = begin; word < end; word += 64) {
-        const int64_t length = std::min<int64_t>(64, end - word);
-        const uint64_t valid = length == 64 ? ~uint64_t{0} : (uint64_t{1} << length) - 1;
-        uint64_t free_bits = free_mask(code + word, length);
-        uint64_t other_bits = ~free_bits & valid;
+        auto [free_bits, other_bits] = word_masks(code, word, end);
         while (free_bits != 0) {
           block_grad[free_so_far++] = static_cast<float>(grad[word + __builtin_ctzll(free_bits)]);
           free_bits &= free_bits - 1;
