@@ -475,6 +475,15 @@ def eval_photos(out: Path) -> Path:
     return folder
 
 
+def finished(config, note: str = "") -> bool:
+    """Whether `config`'s folder holds a finished run of that configuration (and `note`)."""
+    out = Path(config.out)
+    text = config.to_toml() + (f"# {note}\n" if note else "")
+    key = out / "run.toml"
+    done = key.exists() and key.read_text() == text
+    return done and (out / "summary.json").exists() and (out / "live_eval.json").exists()
+
+
 def run(config, note: str = "") -> dict:
     """Train `config` in its own process (``--worker``: training, then the live eval), unless a
     finished run of the same configuration (and `note`, e.g. the hash of its starting model) is in its
@@ -482,8 +491,7 @@ def run(config, note: str = "") -> dict:
     out = Path(config.out)
     text = config.to_toml() + (f"# {note}\n" if note else "")
     key, summary_file, live_file = out / "run.toml", out / "summary.json", out / "live_eval.json"
-    done = key.exists() and key.read_text() == text and summary_file.exists() and live_file.exists()
-    if not done:
+    if not finished(config, note):
         if out.exists():
             shutil.rmtree(out)  # another configuration's (or an unfinished) run
         out.mkdir(parents=True)
@@ -491,9 +499,9 @@ def run(config, note: str = "") -> dict:
         threads = str(THREADS)
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out)]
-        finished = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-        if finished.returncode != 0:
-            raise RuntimeError(f"study: run {out} failed:\n{finished.stderr[-3000:]}")
+        completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+        if completed.returncode != 0:
+            raise RuntimeError(f"study: run {out} failed:\n{completed.stderr[-3000:]}")
     summary = json.loads(summary_file.read_text())
     summary["log"] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line]
     summary["live"] = json.loads(live_file.read_text())
@@ -576,10 +584,13 @@ def run_tracks(runs: dict[str, tuple[dict, object]], note: str, jobs: int) -> di
     )
 
 
-def study(plan: Plan, out: Path, jobs: int, copy: bool, only: str | None = None) -> dict | None:
+def study(
+    plan: Plan, out: Path, jobs: int, copy: bool, only: str | None = None, cached: bool = False
+) -> dict | None:
     """The plan's study: the pretrained model, every run, the tables and the plots. `only` ("adam" or
     "stdet"): just that kind's runs, into the cache, and no report (the Adam runs do not depend on
-    STDET's policy, so they can run while it is being chosen)."""
+    STDET's policy, so they can run while it is being chosen). `cached`: no run is started; the
+    report covers the finished runs in the cache and names how many are missing."""
     started = time.perf_counter()
     photos = eval_photos(out)
     print(f"study ({plan.name} plan): pretraining at lambda {PRETRAIN_LMBDA:g}", flush=True)
@@ -587,6 +598,12 @@ def study(plan: Plan, out: Path, jobs: int, copy: bool, only: str | None = None)
     runs = study_runs(plan, out, photos, str(init))
     if only is not None:
         runs = {name: run for name, run in runs.items() if run[0]["kind"] == only}
+    missing = []
+    if cached:
+        notes = {name: note if meta["track"] == "finetune" else "" for name, (meta, _) in runs.items()}
+        missing = [name for name, (_, config) in runs.items() if not finished(config, notes[name])]
+        runs = {name: run for name, run in runs.items() if name not in missing}
+        print(f"study ({plan.name} plan): {len(runs)} finished runs, {len(missing)} missing", flush=True)
     print(f"study ({plan.name} plan): {len(runs)} runs, {jobs} at a time", flush=True)
     done = run_tracks(runs, note, jobs)
     if only is not None:
@@ -616,6 +633,7 @@ def study(plan: Plan, out: Path, jobs: int, copy: bool, only: str | None = None)
             }
             for name, (meta, _) in runs.items()
         },
+        "missing": missing,
         "run_wall_s": sum(s["wall_s"] + s["live"]["eval_s"] for s in every),
         "wall_s": time.perf_counter() - started,
     }
@@ -844,6 +862,17 @@ def report(summary: dict, plan: Plan, plots: list[str]) -> str:
             else "wall time: not measured by this call (every run came from the cache)."
         ),
         "",
+        *(
+            [
+                f"**Partial**: {len(summary['missing'])} of the plan's runs had not finished and are left "
+                "out (run the same command without --cached to train them): "
+                + ", ".join(summary["missing"])
+                + ".",
+                "",
+            ]
+            if summary.get("missing")
+            else []
+        ),
         "## Headline",
         "",
         f"Steps to reach: the smallest budget (/ S) whose final RD loss is at most Adam's at S, same seed, "
@@ -1351,6 +1380,9 @@ def main() -> None:
         "--only", choices=("adam", "stdet"), help="only that kind's runs (cache them; no report)"
     )
     parser.add_argument("--no-copy", action="store_true", help="do not copy the tables into bench/results")
+    parser.add_argument(
+        "--cached", action="store_true", help="start no run: report the finished runs of the cache"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -1368,7 +1400,7 @@ def main() -> None:
     elif args.calibrate:
         calibrate(plan, out, args.jobs, copy)
     else:
-        study(plan, out, args.jobs, copy, args.only)
+        study(plan, out, args.jobs, copy, args.only, args.cached)
 
 
 if __name__ == "__main__":

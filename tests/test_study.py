@@ -220,6 +220,9 @@ def test_report_renders_every_table():
     }
     text = study.report(summary, plan, ["study_budget.png"])
     assert "## Headline" in text and "## finetune: final eval RD loss" in text
+    assert "**Partial**" not in text
+    partial = study.report({**summary, "missing": ["scratch/x", "finetune/y"]}, plan, ["study_budget.png"])
+    assert "**Partial**: 2 of the plan's runs had not finished" in partial and "finetune/y" in partial
     assert f"| scratch | {plan.lambdas[0]:g} | 1 S | 40% | - | - |" in text
     assert f"| finetune | {plan.lambdas[0]:g} | 1 S | 0% | - | - |" in text
     assert "| scratch | 1 | 1 | 0 |" in text and "| finetune | 1 | 0 | 1 |" in text  # the guard's choices
@@ -260,3 +263,17 @@ def test_bd_is_nan_where_bjontegaard_cannot_integrate():
     assert study.bd(anchor, anchor) == (pytest.approx(0.0, abs=1e-6), pytest.approx(0.0, abs=1e-6))
     falling = ([0.1, 0.2, 0.4, 0.8], [32.0, 30.0, 28.0, 26.0])
     assert all(math.isnan(v) for v in study.bd(anchor, falling))
+
+
+def test_finished_needs_the_same_configuration_and_both_results(tmp_path):
+    """`--cached` reports only runs that `finished` accepts: the same run.toml (and note), a summary
+    and the live eval."""
+    config = study.train_config(study.PLANS["smoke"], tmp_path / "run", tmp_path, 20, 0.013, 0)
+    assert not study.finished(config)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.toml").write_text(config.to_toml() + "# note\n")
+    for name in ("summary.json", "live_eval.json"):
+        (tmp_path / "run" / name).write_text("{}")
+    assert study.finished(config, "note") and not study.finished(config, "other note")
+    (tmp_path / "run" / "live_eval.json").unlink()
+    assert not study.finished(config, "note")
