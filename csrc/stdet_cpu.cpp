@@ -271,6 +271,16 @@ inline WordMasks word_masks(const uint8_t* __restrict__ code, int64_t word, int6
   return {free_bits, ~free_bits & valid};
 }
 
+// out[i] = w and, when kWithAverage, the SMA's moving average at i.
+template <typename value_t, bool kWithAverage>
+inline void store_weight(value_t* __restrict__ out, value_t* __restrict__ sma, int64_t i, float w,
+                         float alpha) {
+  out[i] = static_cast<value_t>(w);
+  if constexpr (kWithAverage) {
+    sma[i] = static_cast<value_t>(stdet::moving_average(static_cast<float>(sma[i]), w, alpha));
+  }
+}
+
 // w for blocks [block_begin, block_end), and when kWithAverage sma += alpha * (w - sma) there.
 //
 // As in the backward: a block all FREE is a contiguous conversion and a block with none FREE a
@@ -299,10 +309,7 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
 #pragma omp simd
       for (int64_t i = begin; i < end; ++i) {
         const float w = static_cast<float>(values[i - begin]);
-        out[i] = static_cast<value_t>(w);
-        if constexpr (kWithAverage) {
-          sma[i] = static_cast<value_t>(stdet::moving_average(static_cast<float>(sma[i]), w, alpha));
-        }
+        store_weight<value_t, kWithAverage>(out, sma, i, w, alpha);
       }
     } else if (block_free == 0) {
       const coef_t* __restrict__ block_a = a + embedded_begin;
@@ -313,10 +320,7 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
         const float w = stdet::reconstruct_element(c, 0.0f, static_cast<float>(block_a[i - begin]),
                                                    static_cast<float>(block_b[i - begin]),
                                                    table[c]);
-        out[i] = static_cast<value_t>(w);
-        if constexpr (kWithAverage) {
-          sma[i] = static_cast<value_t>(stdet::moving_average(static_cast<float>(sma[i]), w, alpha));
-        }
+        store_weight<value_t, kWithAverage>(out, sma, i, w, alpha);
       }
     } else {
       // A word of 64 elements at a time: a bit mask of its FREE elements, then one loop over the
@@ -329,10 +333,7 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
           const int64_t i = word + __builtin_ctzll(free_bits);
           free_bits &= free_bits - 1;
           const float w = static_cast<float>(free_values[free_slot++]);
-          out[i] = static_cast<value_t>(w);
-          if constexpr (kWithAverage) {
-            sma[i] = static_cast<value_t>(stdet::moving_average(static_cast<float>(sma[i]), w, alpha));
-          }
+          store_weight<value_t, kWithAverage>(out, sma, i, w, alpha);
         }
         while (other_bits != 0) {
           const int64_t i = word + __builtin_ctzll(other_bits);
@@ -341,10 +342,7 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
           const float w = stdet::reconstruct_element(c, 0.0f, static_cast<float>(a[embedded_slot]),
                                                      static_cast<float>(b[embedded_slot]), table[c]);
           ++embedded_slot;
-          out[i] = static_cast<value_t>(w);
-          if constexpr (kWithAverage) {
-            sma[i] = static_cast<value_t>(stdet::moving_average(static_cast<float>(sma[i]), w, alpha));
-          }
+          store_weight<value_t, kWithAverage>(out, sma, i, w, alpha);
         }
       }
     }
@@ -551,8 +549,9 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
       at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
         for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
           compact_backward_blocks<value_t, coef_t, kWithSensitivity>(
-              grad_ptr, code_ptr, offsets_ptr, a_ptr, grad_free_ptr, partials.data() + chunk * num_modes, update, num_modes, n,
-              chunk * kBlocksPerChunk, std::min(blocks, (chunk + 1) * kBlocksPerChunk));
+              grad_ptr, code_ptr, offsets_ptr, a_ptr, grad_free_ptr,
+              partials.data() + chunk * num_modes, update, num_modes, n, chunk * kBlocksPerChunk,
+              std::min(blocks, (chunk + 1) * kBlocksPerChunk));
         }
       });
     });
