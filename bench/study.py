@@ -475,12 +475,16 @@ def eval_photos(out: Path) -> Path:
     return folder
 
 
+def run_key(config, note: str = "") -> str:
+    """What a run's ``run.toml`` holds: its configuration and `note`; the cache's key."""
+    return config.to_toml() + (f"# {note}\n" if note else "")
+
+
 def finished(config, note: str = "") -> bool:
     """Whether `config`'s folder holds a finished run of that configuration (and `note`)."""
     out = Path(config.out)
-    text = config.to_toml() + (f"# {note}\n" if note else "")
     key = out / "run.toml"
-    done = key.exists() and key.read_text() == text
+    done = key.exists() and key.read_text() == run_key(config, note)
     return done and (out / "summary.json").exists() and (out / "live_eval.json").exists()
 
 
@@ -489,13 +493,12 @@ def run(config, note: str = "") -> dict:
     finished run of the same configuration (and `note`, e.g. the hash of its starting model) is in its
     folder; its summary.json with the log records (``log``) and the live eval (``live``) added."""
     out = Path(config.out)
-    text = config.to_toml() + (f"# {note}\n" if note else "")
     key, summary_file, live_file = out / "run.toml", out / "summary.json", out / "live_eval.json"
     if not finished(config, note):
         if out.exists():
             shutil.rmtree(out)  # another configuration's (or an unfinished) run
         out.mkdir(parents=True)
-        key.write_text(text)
+        key.write_text(run_key(config, note))
         threads = str(THREADS)
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out)]
@@ -573,15 +576,17 @@ def pretrained(plan: Plan, out: Path, photos: Path) -> tuple[dict, Path, str]:
     return summary, init, f"init sha256 {_sha256(init)}"
 
 
+def keyed(runs: dict[str, tuple[dict, object]], note: str) -> dict[str, tuple[object, str]]:
+    """name -> (TrainConfig, note) of `runs` (name -> (meta, TrainConfig)): the fine-tuning runs are
+    keyed on `note` (the starting model's hash), the others on nothing."""
+    return {
+        name: (config, note if meta["track"] == "finetune" else "") for name, (meta, config) in runs.items()
+    }
+
+
 def run_tracks(runs: dict[str, tuple[dict, object]], note: str, jobs: int) -> dict[str, dict]:
     """`run_all` of `runs` (name -> (meta, TrainConfig)), the fine-tuning ones keyed on `note`."""
-    return run_all(
-        {
-            name: (config, note if meta["track"] == "finetune" else "")
-            for name, (meta, config) in runs.items()
-        },
-        jobs,
-    )
+    return run_all(keyed(runs, note), jobs)
 
 
 def study(
@@ -600,8 +605,7 @@ def study(
         runs = {name: run for name, run in runs.items() if run[0]["kind"] == only}
     missing = []
     if cached:
-        notes = {name: note if meta["track"] == "finetune" else "" for name, (meta, _) in runs.items()}
-        missing = [name for name, (_, config) in runs.items() if not finished(config, notes[name])]
+        missing = [name for name, item in keyed(runs, note).items() if not finished(*item)]
         runs = {name: run for name, run in runs.items() if name not in missing}
         print(f"study ({plan.name} plan): {len(runs)} finished runs, {len(missing)} missing", flush=True)
     print(f"study ({plan.name} plan): {len(runs)} runs, {jobs} at a time", flush=True)
