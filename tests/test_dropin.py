@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torch import nn, optim
 import stdet
 from stdet.cli import main
 from stdet.export import export_checkpoint
-from stdet.train import Trainer, learning_rate, train
+from stdet.train import Trainer, learning_rate, load_checkpoint, train
 
 # ---------------------------------------------------------------------------------------------
 # A copy of CompressAI's examples/train.py (v1.2.8): the same calls in the same order, shrunk to a
@@ -286,3 +287,21 @@ def test_init_fine_tunes_an_exported_checkpoint_at_another_lambda(tmp_path, caps
     args = ["train", "--init", str(exported), "--arch", "mbt2018-mean", "--out", str(tmp_path / "y")]
     assert main(args) == 2
     assert "does not fit mbt2018-mean" in _one_error_line(capsys, "train")
+
+
+def test_a_fine_tuning_run_resumes_after_its_cdf_tables_changed_size(tmp_path) -> None:
+    # The starting model's CDF tables fill the fine-tuning model before its checkpoint loads; an
+    # evaluation may have resized them since (CompressAI's load_state_dict resizes only empty ones).
+    train(tiny(tmp_path / "base", method="adam", steps=4, eval_every=0))
+    exported = tmp_path / "base.pth.tar"
+    export_checkpoint(tmp_path / "base" / "last.ckpt", exported)
+    tuned = tiny(tmp_path / "tuned", init=str(exported), lmbda=0.05, steps=5, eval_every=0)
+    train(tuned)
+    checkpoint = load_checkpoint(tmp_path / "tuned" / "last.ckpt")
+    key = "entropy_bottleneck._quantized_cdf"
+    table = checkpoint["model"][key]
+    checkpoint["model"][key] = torch.cat([table, torch.zeros_like(table[:, :3])], dim=1)
+    torch.save(checkpoint, tmp_path / "tuned" / "last.ckpt")
+    resumed = Trainer(replace(tuned, steps=8), resume=load_checkpoint(tmp_path / "tuned" / "last.ckpt"))
+    assert torch.equal(resumed.model.state_dict()[key], checkpoint["model"][key])
+    assert train(replace(tuned, steps=8), resume=tmp_path / "tuned" / "last.ckpt")["steps"] == 8

@@ -332,6 +332,20 @@ def initial_model(config: TrainConfig) -> nn.Module:
     return model
 
 
+# The entropy models' CDF tables: their size follows the weights at the last ``update()``.
+ENTROPY_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+
+def _fit_entropy_tables(model: nn.Module, state_dict: dict) -> None:
+    """Resize `model`'s CDF tables to `state_dict`'s. CompressAI's ``load_state_dict`` resizes only
+    empty ones, so a fine-tuning run (``--init``: tables filled by the starting model) could not resume
+    from a checkpoint whose tables an evaluation had resized."""
+    for name, buffer in model.named_buffers():
+        saved = state_dict.get(name)
+        if name.rsplit(".", 1)[-1] in ENTROPY_TABLES and saved is not None and saved.shape != buffer.shape:
+            buffer.resize_(saved.shape)
+
+
 def _atomic_save(obj: object, path: Path) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over `path`: a
     reader (or a crash) sees the old file or the new one, never half of one."""
@@ -526,6 +540,7 @@ class Trainer:
         re-attaches the model first, so the optimizer's state dict fits."""
         if self.stdet is None and self.sma is not None and checkpoint.get("sma") is not None:
             self.sma.load_state_dict(checkpoint["sma"])
+        _fit_entropy_tables(self.model, checkpoint["model"])
         try:
             self.model.load_state_dict(checkpoint["model"])
         except (RuntimeError, ValueError) as error:
