@@ -1234,12 +1234,35 @@ SCREENS = {
             "plateau, all tied": {"start": "plateau", "min_r2": 0.0, "max_drift": 1e9},
         },
     ),
+    "ref_grad": (
+        "Written before it ran (issue 13, part 2: METHOD.md's ref_grad='own', and true against dummy "
+        "beyond `fit`). Embedding from the warm-up's end (start='warmup', the screens' forced regime, "
+        "where the defaults harm), shadow EMA at the study's alpha 0.2. A reference gets the full "
+        "reparametrized gradient (its own plus sum a * g over its mode's tied elements: the gradient "
+        "of the loss in the reduced space) or, with 'own' (the CMD code's), its own element's only, so "
+        "that the tied elements just follow it. Hypothesis: 'full' is the true descent direction for "
+        "the tied elements, so 'own' harms more (live weights at S against Adam's), and by more where "
+        "more elements are tied (all tied: every chosen element tied, none frozen). True against "
+        "dummy: all frozen (min_r2 = 1: no fit is good enough, every chosen element is DUMMY) harms "
+        "more than the default mix, which harms more than all tied (the `fit` screen's order). "
+        "Falsified if 'own' ends below 'full' by more than 0.5% in either track.",
+        {
+            "warm-up start": {},
+            "warm-up start, ref_grad own": {"ref_grad": "own"},
+            "all tied": {"min_r2": 0.0, "max_drift": 1e9},
+            "all tied, ref_grad own": {"min_r2": 0.0, "max_drift": 1e9, "ref_grad": "own"},
+            "all frozen (min_r2 1)": {"min_r2": 1.0},
+        },
+    ),
 }
 
 # Settings of screens that do not run on the quick plan's cell as it is: S, the tracks, the shadow
 # EMA's alpha. The others run both tracks at S = the quick plan's, alpha SCREEN_SMA_ALPHA, and share
 # the study's Adam runs.
-SCREEN_SETTINGS = {"long": {"steps": 6000, "tracks": ("finetune",), "alpha": SMA_ALPHA}}
+SCREEN_SETTINGS = {
+    "long": {"steps": 6000, "tracks": ("finetune",), "alpha": SMA_ALPHA},
+    "ref_grad": {"alpha": SMA_ALPHA},
+}
 
 
 def screen_runs(

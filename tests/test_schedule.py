@@ -118,8 +118,9 @@ def test_end_to_end_warmup_fit_and_three_rounds() -> None:
     assert decoded["x_hat"].shape == (1, 3, 32, 32)
 
 
-def test_resumed_run_matches_the_uninterrupted_one() -> None:
-    config = stdet.STDETConfig(**CONFIG)
+@pytest.mark.parametrize("ref_grad", ["full", "own"])
+def test_resumed_run_matches_the_uninterrupted_one(ref_grad) -> None:
+    config = stdet.STDETConfig(**CONFIG, ref_grad=ref_grad)
     model, optimizer, st = _setup(config)
     straight: list[float] = []
     _train(model, optimizer, st, range(37), straight)
@@ -140,6 +141,7 @@ def test_resumed_run_matches_the_uninterrupted_one() -> None:
     torch.set_rng_state(checkpoint["rng"])
     _train(model, optimizer, st, range(27, 37), resumed)
     assert resumed == straight
+    assert (st.layout.own_reference_index is not None) == (ref_grad == "own")
 
 
 def test_a_round_that_raises_the_loss_is_undone() -> None:
@@ -345,7 +347,8 @@ class _ConvStack(torch.nn.Module):
         return self.second(torch.relu(self.first(x)))
 
 
-def test_a_model_stdet_has_attached_compiles_with_fullgraph_and_matches_eager() -> None:
+@pytest.mark.parametrize("ref_grad", ["full", "own"])
+def test_a_model_stdet_has_attached_compiles_with_fullgraph_and_matches_eager(ref_grad) -> None:
     """The layout's forward hooks, the flat fused op (SMA sample and sensitivity included) and the
     layers' views trace into one graph; outputs, gradients, averages and sensitivities match eager."""
     runs = []
@@ -354,8 +357,9 @@ def test_a_model_stdet_has_attached_compiles_with_fullgraph_and_matches_eager() 
         model = _ConvStack()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         config = stdet.STDETConfig(
-            warmup_steps=2, snapshots=2, modes=2, samples=20, embed_every=1, sma_every=1, start="warmup"
-        )
+            warmup_steps=2, snapshots=2, modes=2, samples=20, embed_every=1, sma_every=1, start="warmup",
+            ref_grad=ref_grad,
+        )  # fmt: skip
         st = stdet.STDET(model, optimizer, config)
         forward = torch.compile(model, fullgraph=True) if compiled else model
         losses = []
@@ -368,7 +372,9 @@ def test_a_model_stdet_has_attached_compiles_with_fullgraph_and_matches_eager() 
             st.step(loss)
             losses.append(loss.detach())
         assert st.layout.embedded_fraction() > st.num_modes / st.elements  # rounds ran
-        runs.append((losses, st.layout.free_values.detach(), st.layout.sensitivity, st.sma._flat))
+        runs.append(
+            (losses, st.layout.free_values.detach(), st.refs.detach(), st.layout.sensitivity, st.sma._flat)
+        )
     for eager, traced in zip(*runs, strict=True):
         torch.testing.assert_close(traced, eager)
 
@@ -751,3 +757,31 @@ def test_without_a_probe_the_plateau_test_reads_the_training_losses() -> None:
     model, optimizer, st = _setup(stdet.STDETConfig(**PLATEAU))
     _train(model, optimizer, st, range(40))
     assert len(st.probes) >= 5 and st.phase in ("waiting", "embedding")
+
+
+@pytest.mark.parametrize("ref_grad", ["full", "own"])
+def test_ref_grad_full_sums_the_modes_gradient_and_own_takes_the_reference_elements(ref_grad) -> None:
+    model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG, safety_tolerance=100.0, ref_grad=ref_grad))
+    _train(model, optimizer, st, range(26))  # attached at step 20, one round at step 25
+    assert (st.layout.code != FREE).sum() > st.num_modes  # more than the references embedded
+    # The flat weight's gradient, from the same loss through a copy of the weights as one leaf.
+    # Both forwards draw the same quantisation noise.
+    flat = st.flat_weights().clone().requires_grad_(True)
+    st.layout.override = flat
+    try:
+        torch.manual_seed(0)
+        (grad,) = torch.autograd.grad(_rd_loss(model, _batch(100)), flat)
+    finally:
+        st.layout.override = None
+    optimizer.zero_grad()
+    torch.manual_seed(0)
+    _rd_loss(model, _batch(100)).backward()
+    code = st.layout.code
+    a = st.layout.dense()[1]
+    if ref_grad == "full":
+        expected = torch.stack([(a[code == m] * grad[code == m]).sum() for m in range(st.num_modes)])
+    else:
+        expected = grad[st.references]
+    assert torch.allclose(st.refs.grad, expected, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="ref_grad"):
+        stdet.STDETConfig(ref_grad="mine")

@@ -190,6 +190,13 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         help="embed an element at its fitted line (CMD) instead of keeping its value",
     )
     add(
+        "--ref-grad",
+        choices=("full", "own"),
+        default=s,
+        help="full: a reference gets its mode's whole reparametrized gradient (the default); own: only "
+        "its own element's (CMD)",
+    )
+    add(
         "--release",
         action=argparse.BooleanOptionalAction,
         default=s,

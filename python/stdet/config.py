@@ -26,6 +26,9 @@ class STDETConfig:
     sensitivity_decay: decay of the running mean of the sensitivity, per step.
     continuity: shift ``b`` at embedding time so the embedded value equals the current value (no jump);
         False jumps to the fitted line (the CMD behaviour).
+    ref_grad: "full" (the default): each reference receives the full reparametrized gradient, its own
+        plus ``sum a * g`` over its mode's embedded elements (training continues in the reduced space);
+        "own": only its own element's gradient (the CMD code's behaviour: embedded elements follow).
     refit: keep ``a, b`` of free elements current by recursive least squares after the warm-up.
     safety_window: steps of training loss averaged before and after a round to judge it.
     safety_tolerance: a round whose after-window loss exceeds the before-window's by more than this
@@ -91,6 +94,7 @@ class STDETConfig:
     sensitivity: str = "taylor"
     sensitivity_decay: float = 0.9
     continuity: bool = True
+    ref_grad: str = "full"
     refit: bool = True
     safety_window: int = 20
     safety_tolerance: float = 0.02
@@ -205,6 +209,7 @@ class STDETConfig:
         )
         require("sma_alpha", sma_alpha_ok, "a number in (0, 1] or 'uniform'")
         require("sma_guard", isinstance(self.sma_guard, bool), "True or False")
+        require("ref_grad", self.ref_grad in ("full", "own"), "'full' or 'own'")
         require(
             "snapshot_dtype",
             self.snapshot_dtype in ("float32", "float16", "bfloat16"),

@@ -61,6 +61,9 @@ class FlatLayout(nn.Module):
         self._cache: tuple[tuple, tuple[Tensor, ...]] | None = None  # outside it, gradients off
         self._generation = 0  # bumped by every edit
         self._gradient: Tensor | None = None  # the flat weight gradient, reused every backward
+        # ref_grad="own": each mode's reference element (flat index); the references then get only
+        # their own elements' gradients. None: the full reparametrized gradient.
+        self.register_buffer("own_reference_index", None, persistent=False)
 
     # ------------------------------------------------------------------------------------------
     # Building
@@ -126,15 +129,19 @@ class FlatLayout(nn.Module):
         its backward while STDET tracks it)."""
         if self.override is not None:
             return self.override
-        layout = (self.free_values, self.code, self.offsets, self.a, self.b, self.refs)
+        own = self.own_reference_index is not None and self.refs.requires_grad and torch.is_grad_enabled()
+        refs = self.refs.detach() if own else self.refs
+        layout = (self.free_values, self.code, self.offsets, self.a, self.b, refs)
         options = {}
         if self.track_sensitivity is not None and torch.is_grad_enabled():
             decay, measure = self.track_sensitivity
             options = dict(sensitivity=self.sensitivity, decay=decay, measure=measure)
         if self.pending_sample is not None:
             (average, alpha), self.pending_sample = self.pending_sample, None
-            return stdet_kernels.reconstruct_compact_sma_(*layout, average, alpha, **options)
-        return stdet_kernels.reconstruct_compact(*layout, **options)
+            flat = stdet_kernels.reconstruct_compact_sma_(*layout, average, alpha, **options)
+        else:
+            flat = stdet_kernels.reconstruct_compact(*layout, **options)
+        return _OwnReferenceGradient.apply(flat, self.refs, self.own_reference_index) if own else flat
 
     def begin_forward(self, *_) -> None:
         """The model's forward pre-hook: the flat weight once for every layer of this forward."""
@@ -339,6 +346,22 @@ class FlatLayout(nn.Module):
     def embedded_fraction(self) -> float:
         """Elements that are not FREE (references included) over all elements."""
         return 1.0 - self.free_count / self.numel
+
+
+class _OwnReferenceGradient(torch.autograd.Function):
+    """Identity on the flat weight whose backward gives ``refs`` their reference elements' own
+    gradients (``ref_grad="own"``); the fused op, called with detached refs, gives them nothing."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, refs: Tensor, reference_index: Tensor) -> Tensor:
+        ctx.save_for_backward(reference_index)
+        ctx.refs_dtype = refs.dtype
+        return flat.view_as(flat)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        (reference_index,) = ctx.saved_tensors
+        return grad, grad[reference_index].to(ctx.refs_dtype), None
 
 
 class _GatheredSplit(torch.autograd.Function):

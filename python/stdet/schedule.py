@@ -370,6 +370,7 @@ class STDET:
         self.references, self.mode = fit.references, fit.mode
         weights = self.flat_weights()
         self._attach(fit.num_modes)
+        self._own_reference_gradient()
         with torch.no_grad():
             self.refs.copy_(weights[fit.references].to(self.refs.dtype))
             modes = torch.arange(fit.num_modes, dtype=torch.uint8)
@@ -386,6 +387,11 @@ class STDET:
         log.info("stdet: step %d: %d modes fitted, model attached", self.step_count, fit.num_modes)
         self.history.append({"step": self.step_count, "event": "attach", "modes": fit.num_modes})
         self._track_sensitivity()
+
+    def _own_reference_gradient(self) -> None:
+        """``ref_grad="own"``: the layout gives each reference its own element's gradient only."""
+        if self.config.ref_grad == "own" and self.references is not None:
+            self.layout.own_reference_index = self.references.to(self.layout.code.device)
 
     def _release(self) -> None:
         """The lr dropped: every element returns to FREE with its value and embedding ends (a round
@@ -664,6 +670,7 @@ class STDET:
             self.trajectory = RefTrajectory(self.config.accelerate_every, self.refs)
             if state.get("trajectory") is not None:
                 self.trajectory.load_state_dict(state["trajectory"])
+        self._own_reference_gradient()
         # The saved layout, so that the model's and the optimizer's state dicts fit; the values come
         # with the model's state dict.
         self.layout.take_layout(state["code"], self.optimizer)

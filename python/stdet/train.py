@@ -131,6 +131,7 @@ class TrainConfig:
     # None: STDETConfig's default (left out of run.toml, so older configurations read the same)
     max_drift: float | None = None
     continuity: bool | None = None
+    ref_grad: str | None = None
     sensitivity: str | None = None
     release: bool | None = None
     sma_restart: bool | None = None
@@ -210,7 +211,8 @@ class TrainConfig:
         knobs += ("max_embedded", "protect", "min_r2", "safety_window", "safety_tolerance", "safety_sigmas")
         knobs += ("sma_every", "sma_alpha", "sma_mode")
         values = {name: getattr(self, name) for name in knobs}
-        optional = ("max_drift", "continuity", "sensitivity", "release", "sma_restart", "sma_guard")
+        optional = ("max_drift", "continuity", "ref_grad", "sensitivity", "release", "sma_restart")
+        optional += ("sma_guard",)
         optional += ("accelerate_every", "accelerate_horizon", "accelerate_free_r2")
         optional += ("start", "plateau_window", "plateau_tolerance", "plateau_sigmas")
         values.update({name: getattr(self, name) for name in optional})
