@@ -1,9 +1,13 @@
 """What torch's Adam costs on one flat tensor (STDET's ``free_values``) against the same elements in
 many tensors (plain training's layers), with the default (foreach) and the fused implementation.
 
-On a CPU the default Adam's full-size temporaries are fresh memory every step; on one large tensor
-that memory is faulted in anew each time, so the flat layout's optimizer phase costs more than the
-layers' own. The four cases run interleaved, one step of each in turn, in one process.
+On a CPU the default Adam makes full-size temporaries. On one large tensor, alone in a process,
+glibc gives them back to the OS when they are freed (most likely: two adjacent 28 MB blocks at the
+top of the heap pass its trim threshold) and every step faults them in again: the page-fault column
+shows it, and a fixed ``MALLOC_MMAP_THRESHOLD_`` (which also fixes the trim threshold) removes both
+the faults and most of the gap. In a training step other allocations sit above them and nothing is
+given back (`bench_step.py`'s page-fault column). The four cases run interleaved, one step of each
+in turn, in one process.
 
     python bench/bench_adam.py                       # bench/results/adam.md
     MALLOC_MMAP_THRESHOLD_=1000000000 python bench/bench_adam.py --out /tmp   # glibc keeps the memory
@@ -12,6 +16,7 @@ layers' own. The four cases run interleaved, one step of each in turn, in one pr
 import argparse
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -38,16 +43,27 @@ def cases() -> dict[str, tuple[torch.optim.Optimizer, list[torch.Tensor]]]:
     return made
 
 
-def measure(steps: int) -> dict[str, float]:
+def page_faults() -> int:
+    """Minor page faults of this process so far: memory the allocator took fresh from the OS."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def measure(steps: int) -> dict[str, tuple[float, float]]:
+    """Case -> (median ms per step, median page faults per step); the first two steps warm up."""
     torch.set_num_threads(2)
     made = cases()
     times = {name: [] for name in made}
+    faults = {name: [] for name in made}
     for _ in range(steps):
         for name, (optimizer, _) in made.items():
+            before = page_faults()
             start = time.perf_counter()
             optimizer.step()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t[2:]) * 1e3 for name, t in times.items()}  # the first two warm up
+            faults[name].append(page_faults() - before)
+    return {
+        name: (statistics.median(times[name][2:]) * 1e3, statistics.median(faults[name][2:])) for name in made
+    }
 
 
 def main() -> None:
@@ -64,12 +80,12 @@ def main() -> None:
         f"{torch.__version__}, MALLOC_MMAP_THRESHOLD_ {threshold}; the four cases interleaved step by "
         f"step, medians over {args.steps - 2} steps. `python bench/bench_adam.py`.",
         "",
-        "| Adam | layout | ms per step |",
-        "| --- | --- | ---: |",
+        "| Adam | layout | ms per step | page faults per step |",
+        "| --- | --- | ---: | ---: |",
     ]
-    for name, ms in medians.items():
+    for name, (ms, faults) in medians.items():
         implementation, layout = name.split(", ")
-        lines.append(f"| {implementation} | {layout} | {ms:.1f} |")
+        lines.append(f"| {implementation} | {layout} | {ms:.1f} | {faults:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -38,6 +39,11 @@ STATES = {
 }
 REFIT_INTERVAL = 10
 PHASES = ("forward", "backward", "optimizer", "stdet")
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far: memory the allocator took fresh from the OS."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class Case:
@@ -85,6 +91,7 @@ class Case:
     def step(self, times: dict) -> None:
         model, x, sync = self.model, self.x, self.sync
         sync()
+        faults = page_faults()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
@@ -109,6 +116,7 @@ class Case:
             PHASES, (forward - start, backward - forward, optimizer - backward, end - optimizer), strict=True
         ):
             times.setdefault(phase, []).append(seconds)
+        times.setdefault("faults", []).append(page_faults() - faults)
 
 
 def launches(case: Case) -> int:
@@ -130,10 +138,11 @@ def measure(steps: int, device: str = "cpu", batch_scale: int = 1) -> dict:
             for case in cases.values():
                 case.step(case.times)
         for state, case in cases.items():
-            means = {phase: sum(t) / len(t) * 1e3 for phase, t in case.times.items()}
+            means = {phase: sum(t) / len(t) * 1e3 for phase, t in case.times.items() if phase in PHASES}
             results[(arch, state)] = {
                 **means,
                 "total": sum(means.values()),
+                "page_faults": sum(case.times["faults"]) / len(case.times["faults"]),
                 "embedded": case.embedded,
                 "trainable": case.trainable,
                 "launches": launches(case),
@@ -158,11 +167,12 @@ def report(results: dict, steps: int, device: str = "cpu", batch_scale: int = 1)
     lines = [
         f"Training step, Adam, {where}, `{command}`. Cases interleaved step by "
         f"step in one process; means over {steps} steps ({steps // REFIT_INTERVAL} whole refit periods of "
-        f"{REFIT_INTERVAL} steps). Times in ms; launches: stdet op calls in one step.",
+        f"{REFIT_INTERVAL} steps). Times in ms; launches: stdet op calls in one step; page faults: minor "
+        "faults per step (memory taken fresh from the OS).",
         "",
         "| model (batch) | state | forward | backward | optimizer | `STDET.step` | total | vs plain "
-        "| trainable elements | launches |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| trainable elements | launches | page faults |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (arch, state), row in results.items():
         (n, m), batch = MODELS[arch]
@@ -173,7 +183,7 @@ def report(results: dict, steps: int, device: str = "cpu", batch_scale: int = 1)
         lines.append(
             f"| {label} | {state} | {row['forward']:.1f} | {row['backward']:.1f} | {row['optimizer']:.1f} | "
             f"{stdet_ms} | {row['total']:.1f} | {row['total'] / plain:.3f}x | {row['trainable']:,} | "
-            f"{row['launches']} |"
+            f"{row['launches']} | {row['page_faults']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
