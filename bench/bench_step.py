@@ -1,5 +1,7 @@
-"""What one training step costs: plain training against STDET all FREE (right after attaching) and at
-50%, 80% and 90% embedded, on two model sizes, timed phase by phase with the cases interleaved.
+"""What one training step costs: plain training against STDET waiting for a plateau (the default
+``start="plateau"`` before the loss flattens: the model not yet attached), all FREE (right after
+attaching) and at 50%, 80% and 90% embedded, on two model sizes, timed phase by phase with the cases
+interleaved.
 
 A step is what `stdet train` does: zero the gradients, forward and RD loss, backward, Adam on the
 network and the aux loss with its Adam, then `STDET.step(loss)`. On this shared machine timings drift
@@ -30,6 +32,9 @@ SIZE = 128
 # the window before each round (44 of every 100 with the defaults) until max_embedded, then never.
 STATES = {
     "plain": (None, False),
+    # The library's default before a plateau: not attached (the plain model), a snapshot of the
+    # weights and a probe forward (as `stdet train` gives) every refit interval.
+    "waiting for a plateau": ("waiting", False),
     "all FREE": (0.0, True),
     "all FREE, not tracking": (0.0, False),
     "50% embedded": (0.5, True),
@@ -66,7 +71,16 @@ class Case:
         self.x = RandomCrops(bundled_images("train"), SIZE, seed=0).batch(0, batch).to(device)
         self.st = None
         target, tracking = STATES[state]
-        if target is not None:
+        if target == "waiting":
+            config = stdet.STDETConfig(warmup_steps=2, snapshots=2, start="plateau", plateau_tolerance=0.0)
+            self.st = stdet.STDET(self.model, self.optimizer, config, probe=self.probe)
+            for _ in range(4):
+                self.step({})
+            assert self.st.phase == "waiting", self.st.phase
+            self.st.snapshot_interval = REFIT_INTERVAL
+            self.st.step_count = 0  # a snapshot and a probe at steps 10, 20, ... of the timed steps
+            target = None
+        elif target is not None:
             config = stdet.STDETConfig(
                 warmup_steps=2, snapshots=2, embed_every=1 if target > 0 else 10**9, embed_rate=1.0,
                 max_embedded=max(target, 1e-9), protect=0.0, min_r2=0.0, max_drift=1e9, safety_window=1,
@@ -84,9 +98,20 @@ class Case:
             self.st.layout.track_sensitivity = (
                 (config.sensitivity_decay, config.sensitivity) if tracking else None
             )
-        self.embedded = 0.0 if self.st is None else self.st.embedded_fraction()
+        self.embedded = 0.0 if self.st is None or not self.st.layout.attached else self.st.embedded_fraction()
         self.trainable = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
         self.times = {phase: [] for phase in PHASES}
+
+    def probe(self) -> float:
+        """A fixed batch's RD loss in eval mode, as `stdet train`'s probe."""
+        self.model.eval()
+        with torch.no_grad():
+            out = self.model(self.x)
+        self.model.train()
+        bpp = sum(torch.log(p).sum() for p in out["likelihoods"].values()) / (
+            -math.log(2) * self.x.numel() / 3
+        )
+        return float(0.01 * 255**2 * torch.nn.functional.mse_loss(out["x_hat"], self.x) + bpp)
 
     def step(self, times: dict) -> None:
         model, x, sync = self.model, self.x, self.sync
