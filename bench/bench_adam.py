@@ -2,15 +2,15 @@
 many tensors (plain training's layers), with the default (foreach) and the fused implementation.
 
 On a CPU the default Adam makes full-size temporaries. On one large tensor, alone in a process,
-glibc gives them back to the OS when they are freed (most likely: two adjacent 28 MB blocks at the
-top of the heap pass its trim threshold) and every step faults them in again: the page-fault column
-shows it, and a fixed ``MALLOC_MMAP_THRESHOLD_`` (which also fixes the trim threshold) removes both
-the faults and most of the gap. In a training step other allocations sit above them and nothing is
-given back (`bench_step.py`'s page-fault column). The four cases run interleaved, one step of each
-in turn, in one process.
+glibc gives that memory back to the OS when it is freed (28 MB blocks are above its mmap threshold,
+or are trimmed off the top of the heap), and every step faults it in again: the page-fault column
+shows it. Fixing both glibc thresholds (below) removes the faults and the gap. In a training step
+other allocations keep the memory in use and nothing is given back (`bench_step.py`'s page-fault
+column). The four cases run interleaved, one step of each in turn, in one process.
 
     python bench/bench_adam.py                       # bench/results/adam.md
-    MALLOC_MMAP_THRESHOLD_=1000000000 python bench/bench_adam.py --out /tmp   # glibc keeps the memory
+    MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 \
+        python bench/bench_adam.py --out /tmp/kept   # glibc keeps the memory (adam_glibc_kept.md)
 """
 
 import argparse
@@ -74,10 +74,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     medians = measure(args.steps)
-    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc's default")
+    glibc = ", ".join(
+        f"{name} {os.environ.get(name, 'default')}"
+        for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    )
     lines = [
         f"Adam step on {ELEMENTS:,} float32 elements, {platform.machine()}, 2 threads, torch "
-        f"{torch.__version__}, MALLOC_MMAP_THRESHOLD_ {threshold}; the four cases interleaved step by "
+        f"{torch.__version__}, glibc {glibc}; the four cases interleaved step by "
         f"step, medians over {args.steps - 2} steps. `python bench/bench_adam.py`.",
         "",
         "| Adam | layout | ms per step | page faults per step |",
