@@ -339,13 +339,18 @@ ENTROPY_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 
 
 def _fit_entropy_tables(model: nn.Module, state_dict: dict) -> None:
-    """Resize `model`'s CDF tables to `state_dict`'s. CompressAI's ``load_state_dict`` resizes only
-    empty ones, so a fine-tuning run (``--init``: tables filled by the starting model) could not resume
-    from a checkpoint whose tables an evaluation had resized."""
-    for name, buffer in model.named_buffers():
-        saved = state_dict.get(name)
-        if name.rsplit(".", 1)[-1] in ENTROPY_TABLES and saved is not None and saved.shape != buffer.shape:
-            buffer.resize_(saved.shape)
+    """Resize `model`'s CDF tables to `state_dict`'s: CompressAI's own ``update_registered_buffers``
+    with the "resize" policy. Its ``load_state_dict`` resizes only empty ones, so a fine-tuning run
+    (``--init``: tables filled by the starting model) could not resume from a checkpoint whose tables
+    an evaluation had resized."""
+    from compressai.entropy_models import EntropyModel
+    from compressai.models.utils import update_registered_buffers
+
+    for name, module in model.named_modules():
+        if isinstance(module, EntropyModel):
+            saved = [t for t, _ in module.named_buffers(recurse=False) if f"{name}.{t}" in state_dict]
+            tables = [t for t in saved if t in ENTROPY_TABLES]
+            update_registered_buffers(module, name, tables, state_dict, policy="resize")
 
 
 def _atomic_save(obj: object, path: Path) -> None:
