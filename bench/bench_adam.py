@@ -16,12 +16,12 @@ column). The four cases run interleaved, one step of each in turn, in one proces
 import argparse
 import os
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_step import page_faults  # bench/ is on sys.path: this script runs as `python bench/bench_adam.py`
 
 RESULTS = Path(__file__).parent / "results"
 ELEMENTS = 7_027_619  # mbt2018-mean's embeddable elements at its zoo size (bench_step.py)
@@ -41,11 +41,6 @@ def cases() -> dict[str, tuple[torch.optim.Optimizer, list[torch.Tensor]]]:
             optimizer = torch.optim.Adam(params, lr=1e-4, fused=fused)
             made[f"{'fused' if fused else 'foreach (default)'}, {layout}"] = (optimizer, params)
     return made
-
-
-def page_faults() -> int:
-    """Minor page faults of this process so far: memory the allocator took fresh from the OS."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def measure(steps: int) -> dict[str, tuple[float, float]]:

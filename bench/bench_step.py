@@ -51,6 +51,12 @@ def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def rd_loss(out: dict, x: torch.Tensor) -> torch.Tensor:
+    """The step's RD loss at lambda 0.01: 0.01 * 255^2 * MSE + bpp (the likelihoods' estimate)."""
+    bpp = sum(torch.log(p).sum() for p in out["likelihoods"].values()) / (-math.log(2) * x.numel() / 3)
+    return 0.01 * 255**2 * torch.nn.functional.mse_loss(out["x_hat"], x) + bpp
+
+
 class Case:
     """One model in one state, with its optimizers and (but for plain) its STDET."""
 
@@ -74,12 +80,6 @@ class Case:
         if target == "waiting":
             config = stdet.STDETConfig(warmup_steps=2, snapshots=2, start="plateau", plateau_tolerance=0.0)
             self.st = stdet.STDET(self.model, self.optimizer, config, probe=self.probe)
-            for _ in range(4):
-                self.step({})
-            assert self.st.phase == "waiting", self.st.phase
-            self.st.snapshot_interval = REFIT_INTERVAL
-            self.st.step_count = 0  # a snapshot and a probe at steps 10, 20, ... of the timed steps
-            target = None
         elif target is not None:
             config = stdet.STDETConfig(
                 warmup_steps=2, snapshots=2, embed_every=1 if target > 0 else 10**9, embed_rate=1.0,
@@ -89,6 +89,8 @@ class Case:
             self.st = stdet.STDET(self.model, self.optimizer, config)
         for _ in range(4):  # warm-up, fit, attach and (50% and up) the round that embeds the target
             self.step({})
+        if target == "waiting":  # warm-up over, no plateau (tolerance 0): a snapshot and a probe per refit
+            assert self.st.phase == "waiting", self.st.phase
         if self.st is not None:
             self.st.config.embed_every = 10**9
             self.st.snapshot_interval = REFIT_INTERVAL
@@ -108,10 +110,7 @@ class Case:
         with torch.no_grad():
             out = self.model(self.x)
         self.model.train()
-        bpp = sum(torch.log(p).sum() for p in out["likelihoods"].values()) / (
-            -math.log(2) * self.x.numel() / 3
-        )
-        return float(0.01 * 255**2 * torch.nn.functional.mse_loss(out["x_hat"], self.x) + bpp)
+        return float(rd_loss(out, self.x))
 
     def step(self, times: dict) -> None:
         model, x, sync = self.model, self.x, self.sync
@@ -120,9 +119,7 @@ class Case:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        bpp = sum(torch.log(p).sum() for p in out["likelihoods"].values()) / (-math.log(2) * x.numel() / 3)
-        loss = 0.01 * 255**2 * torch.nn.functional.mse_loss(out["x_hat"], x) + bpp
+        loss = rd_loss(model(x), x)
         sync()
         forward = time.perf_counter()
         loss.backward()
@@ -163,7 +160,7 @@ def measure(steps: int, device: str = "cpu", batch_scale: int = 1) -> dict:
             for case in cases.values():
                 case.step(case.times)
         for state, case in cases.items():
-            means = {phase: sum(t) / len(t) * 1e3 for phase, t in case.times.items() if phase in PHASES}
+            means = {phase: sum(case.times[phase]) / len(case.times[phase]) * 1e3 for phase in PHASES}
             results[(arch, state)] = {
                 **means,
                 "total": sum(means.values()),
