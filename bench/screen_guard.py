@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from stdet.data import RandomCrops, bundled_images
+from stdet.data import RandomCrops
 from stdet.train import PROBE_SEED_OFFSET, TrainConfig, Trainer, load_checkpoint
 
 PROBE_SIZES = (8, 64, 256)
@@ -69,13 +69,10 @@ def measure(run: Path) -> dict:
     raises if either held-out figure differs from the run's own record of it."""
     config = run_config(run)
     trainer = Trainer(config, resume=load_checkpoint(run / "last.ckpt"))
-    train_images = bundled_images("train") if config.data is None else None
-    probes = {8: trainer.probe_batch}
-    for size in PROBE_SIZES[1:]:
-        crops = RandomCrops(
-            train_images, config.patch_size, config.seed + PROBE_SEED_OFFSET + LARGE_PROBE_OFFSET
-        )
-        probes[size] = crops.batch(0, size)
+    # The trainer's own training photos (bundled or --data), in its order.
+    train_images = {str(i): image for i, image in enumerate(trainer.crops.images)}
+    large = RandomCrops(train_images, config.patch_size, config.seed + PROBE_SEED_OFFSET + LARGE_PROBE_OFFSET)
+    probes = {8: trainer.probe_batch, **{size: large.batch(0, size) for size in PROBE_SIZES[1:]}}
     live = {size: per_crop_losses(trainer, batch) for size, batch in probes.items()}
     with trainer.sma.swap():
         average = {size: per_crop_losses(trainer, batch) for size, batch in probes.items()}
@@ -98,14 +95,18 @@ def measure(run: Path) -> dict:
     }
 
 
+def paired_difference(probe: dict) -> tuple[float, float]:
+    """(mean, standard error) of the per-crop differences, average minus live; SE 0 for one crop."""
+    diff = torch.tensor(probe["average"]) - torch.tensor(probe["live"])
+    se = float(diff.std()) / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
+    return float(diff.mean()), se
+
+
 def choose_average(probe: dict, paired: bool) -> bool:
     """The guard's choice: the mean per-crop loss lower with the average (and, `paired`, by more
     than `SIGMAS` standard errors of the per-crop differences)."""
-    diff = torch.tensor(probe["average"]) - torch.tensor(probe["live"])
-    if not paired:
-        return bool(diff.mean() <= 0)
-    margin = SIGMAS * float(diff.std()) / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
-    return bool(diff.mean() < -margin)
+    mean, se = paired_difference(probe)
+    return mean <= 0 if not paired else mean < -SIGMAS * se
 
 
 RULES = [(f"{size} crops, mean", size, False) for size in PROBE_SIZES] + [
@@ -217,10 +218,9 @@ def report(results: dict[str, list[dict]]) -> str:
             cells = []
             for size in PROBE_SIZES:
                 probe = r["probes"][str(size)]
-                diff = torch.tensor(probe["average"]) - torch.tensor(probe["live"])
-                base = float(torch.tensor(probe["live"]).mean())
-                se = float(diff.std()) / math.sqrt(diff.numel())
-                cells.append(f"{100 * float(diff.mean()) / base:+.2f}% ± {100 * se / base:.2f}")
+                mean, se = paired_difference(probe)
+                base = sum(probe["live"]) / len(probe["live"])
+                cells.append(f"{100 * mean / base:+.2f}% ± {100 * se / base:.2f}")
             held = 100 * (r["held_average"] / r["held_live"] - 1)
             lines.append(
                 f"| {track} | {r['lmbda']:g} | {r['seed']} | {held:+.2f}% | " + " | ".join(cells) + " |"
