@@ -64,11 +64,27 @@ def run_config(run: Path) -> TrainConfig:
     return TrainConfig.from_dict(tomllib.loads((run / "config.toml").read_text()))
 
 
+def restore(run: Path) -> tuple[Trainer, dict, dict]:
+    """The finished run restored from its ``last.ckpt``, with the held-out photos coded for real with
+    its live weights and with its average; raises if either figure differs from the run's own record."""
+    trainer = Trainer(run_config(run), resume=load_checkpoint(run / "last.ckpt"))
+    live = trainer.evaluate_live()
+    average = trainer.evaluate()
+    recorded = json.loads((run / "live_eval.json").read_text())["rd_loss"]
+    summary = json.loads((run / "summary.json").read_text())
+    checks = [(live["mean"]["rd_loss"], recorded)]
+    if summary["final_weights"] == "average":
+        checks.append((average["mean"]["rd_loss"], summary["final_eval"]["rd_loss"]))
+    for measured, logged in checks:
+        if abs(measured / logged - 1) > 1e-6:
+            raise RuntimeError(f"{run}: held-out RD loss {measured} here, {logged} in the run's records")
+    return trainer, live, average
+
+
 def measure(run: Path) -> dict:
-    """Held-out RD loss of the live weights and of the average, and every probe's per-crop losses;
-    raises if either held-out figure differs from the run's own record of it."""
-    config = run_config(run)
-    trainer = Trainer(config, resume=load_checkpoint(run / "last.ckpt"))
+    """Held-out RD loss of the live weights and of the average, and every probe's per-crop losses."""
+    trainer, held_live, held_average = restore(run)
+    config = trainer.config
     # The trainer's own training photos (bundled or --data), in its order.
     train_images = {str(i): image for i, image in enumerate(trainer.crops.images)}
     large = RandomCrops(train_images, config.patch_size, config.seed + PROBE_SEED_OFFSET + LARGE_PROBE_OFFSET)
@@ -76,21 +92,11 @@ def measure(run: Path) -> dict:
     live = {size: per_crop_losses(trainer, batch) for size, batch in probes.items()}
     with trainer.sma.swap():
         average = {size: per_crop_losses(trainer, batch) for size, batch in probes.items()}
-    held_live = trainer.evaluate_live()["mean"]["rd_loss"]
-    held_average = trainer.evaluate()["mean"]["rd_loss"]
-    recorded = json.loads((run / "live_eval.json").read_text())["rd_loss"]
-    summary = json.loads((run / "summary.json").read_text())
-    checks = [(held_live, recorded)]
-    if summary["final_weights"] == "average":
-        checks.append((held_average, summary["final_eval"]["rd_loss"]))
-    for measured, logged in checks:
-        if abs(measured / logged - 1) > 1e-6:
-            raise RuntimeError(f"{run}: held-out RD loss {measured} here, {logged} in the run's records")
     return {
         "lmbda": config.lmbda,
         "seed": config.seed,
-        "held_live": held_live,
-        "held_average": held_average,
+        "held_live": held_live["mean"]["rd_loss"],
+        "held_average": held_average["mean"]["rd_loss"],
         "probes": {size: {"live": live[size].tolist(), "average": average[size].tolist()} for size in probes},
     }
 
