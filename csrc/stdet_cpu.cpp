@@ -10,9 +10,15 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <atomic>
+#include <type_traits>
 #include <vector>
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define STDET_AVX2 1
 #endif
 
 #include "stdet_element.h"
@@ -271,6 +277,146 @@ inline WordMasks word_masks(const uint8_t* __restrict__ code, int64_t word, int6
   return {free_bits, ~free_bits & valid};
 }
 
+// ---------------------------------------------------------------------------------------------
+// AVX2 paths for mixed blocks of float32 values and coefficients, forward and backward, taken when
+// the CPU has AVX2 (a run-time check: the extension is built for any x86-64). A group of 8 elements
+// at a time: a mask of its FREE codes picks, by a permutation from a table of 256, the next FREE
+// values into the FREE lanes and the next coefficients into the others (AVX2 has no expanding load
+// or compressing store). Same arithmetic and rounding as the element-by-element path, and the same
+// order of the refs gradient's additions: the same bits (tests/test_compact.py compares the two).
+// On 7M elements with 80% embedded at random, one core: forward 14.8 -> 6.4 ms, backward 12.0 ->
+// 6.2 ms (a copy of the 7M floats: 3.2 ms).
+
+#if defined(STDET_AVX2)
+struct LaneTables {
+  // expand[m][lane]: the rank of `lane` among the set bits of m (where it is set; 0 elsewhere).
+  alignas(32) int32_t expand[256][8];
+  // compress[m][k]: the lane of the k-th set bit of m (k < popcount(m); 0 beyond).
+  alignas(32) int32_t compress[256][8];
+};
+
+LaneTables make_lane_tables() {
+  LaneTables t{};
+  for (int m = 0; m < 256; ++m) {
+    int rank = 0;
+    for (int lane = 0; lane < 8; ++lane) {
+      if (m & (1 << lane)) {
+        t.compress[m][rank] = lane;
+        t.expand[m][lane] = rank++;
+      }
+    }
+  }
+  return t;
+}
+
+const LaneTables kLaneTables = make_lane_tables();
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+}
+
+// Whether the AVX2 paths run (on a CPU that has AVX2, unless switched off by `set_simd`).
+std::atomic<bool> g_simd{cpu_has_avx2()};
+#else
+std::atomic<bool> g_simd{false};
+#endif
+
+// Switch the AVX2 paths on or off (on only where the CPU has AVX2); returns the previous setting.
+bool set_simd(bool enabled) {
+  const bool previous = g_simd.load();
+#if defined(STDET_AVX2)
+  g_simd.store(enabled && cpu_has_avx2());
+#else
+  (void)enabled;
+#endif
+  return previous;
+}
+
+bool simd_enabled() { return g_simd.load(); }
+
+#if defined(STDET_AVX2)
+// w, and when kWithAverage the SMA's average, for the mixed block [begin, end) of float32 values and
+// coefficients. Returns the first element it left to the caller (the groups whose loads would run
+// past the end of free_values or a, b; at most the last few of the whole axis).
+template <bool kWithAverage>
+__attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
+    const float* __restrict__ free_values, int64_t& free_slot, int64_t free_total,
+    const uint8_t* __restrict__ code, const float* __restrict__ a, const float* __restrict__ b,
+    int64_t& embedded_slot, int64_t embedded_total, const float* __restrict__ table,
+    float* __restrict__ out, float* __restrict__ sma, float alpha, int64_t begin, int64_t end) {
+  const __m128i free_code = _mm_set1_epi8(static_cast<char>(stdet::kFree));
+  const __m256i free32 = _mm256_set1_epi32(stdet::kFree);
+  const __m256i dummy32 = _mm256_set1_epi32(stdet::kDummy);
+  const __m256 alpha8 = _mm256_set1_ps(alpha);
+  int64_t i = begin;
+  for (; i + 8 <= end && free_slot + 8 <= free_total && embedded_slot + 8 <= embedded_total; i += 8) {
+    const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(code + i));
+    const int free_bits = _mm_movemask_epi8(_mm_cmpeq_epi8(codes, free_code)) & 0xff;
+    const __m256i codes32 = _mm256_cvtepu8_epi32(codes);
+    const __m256i to_free =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.expand[free_bits]));
+    const __m256i to_other =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.expand[~free_bits & 0xff]));
+    const __m256 value = _mm256_permutevar8x32_ps(_mm256_loadu_ps(free_values + free_slot), to_free);
+    const __m256 av = _mm256_permutevar8x32_ps(_mm256_loadu_ps(a + embedded_slot), to_other);
+    const __m256 bv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(b + embedded_slot), to_other);
+    const __m256 ref = _mm256_i32gather_ps(table, codes32, 4);
+    const __m256 embedded = _mm256_add_ps(_mm256_mul_ps(av, ref), bv);  // a * ref + b, two roundings
+    const __m256 is_free = _mm256_castsi256_ps(_mm256_cmpeq_epi32(codes32, free32));
+    const __m256 is_dummy = _mm256_castsi256_ps(_mm256_cmpeq_epi32(codes32, dummy32));
+    const __m256 w = _mm256_blendv_ps(_mm256_blendv_ps(embedded, bv, is_dummy), value, is_free);
+    _mm256_storeu_ps(out + i, w);
+    if constexpr (kWithAverage) {
+      const __m256 average = _mm256_loadu_ps(sma + i);
+      _mm256_storeu_ps(sma + i,
+                       _mm256_add_ps(average, _mm256_mul_ps(alpha8, _mm256_sub_ps(w, average))));
+    }
+    const int free_here = __builtin_popcount(free_bits);
+    free_slot += free_here;
+    embedded_slot += 8 - free_here;
+  }
+  return i;
+}
+
+// The backward of the mixed block [begin, end) of float32 gradients and coefficients: the FREE
+// elements' gradients in order into block_grad (room for kCompactBlock + 8), and every element's
+// refs-gradient term (a * grad where embedded, 0 elsewhere) added to by_code[i % 4][code] in
+// increasing i, as the element-by-element path adds them (FREE elements add 0 to the FREE code's
+// entry, which is no mode). Returns the first element it left to the caller.
+template <size_t kLanes>
+__attribute__((target("avx2,popcnt"))) int64_t backward_mixed_avx2(
+    const float* __restrict__ grad, const uint8_t* __restrict__ code, const float* __restrict__ a,
+    int64_t& embedded_slot, int64_t embedded_total, float* __restrict__ block_grad,
+    int64_t& free_so_far, std::array<std::array<float, stdet::kTableSize>, kLanes>& by_code,
+    int64_t begin, int64_t end) {
+  static_assert(8 % kLanes == 0, "a group of 8 starts on lane table 0");
+  const __m128i free_code = _mm_set1_epi8(static_cast<char>(stdet::kFree));
+  const __m256i mode_limit = _mm256_set1_epi32(stdet::kDummy);
+  alignas(32) float term[8];
+  int64_t i = begin;
+  for (; i + 8 <= end && embedded_slot + 8 <= embedded_total; i += 8) {
+    const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(code + i));
+    const int free_bits = _mm_movemask_epi8(_mm_cmpeq_epi8(codes, free_code)) & 0xff;
+    const __m256 g = _mm256_loadu_ps(grad + i);
+    const __m256i to_slots =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.compress[free_bits]));
+    _mm256_storeu_ps(block_grad + free_so_far, _mm256_permutevar8x32_ps(g, to_slots));
+    const __m256i to_other =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.expand[~free_bits & 0xff]));
+    const __m256 av = _mm256_permutevar8x32_ps(_mm256_loadu_ps(a + embedded_slot), to_other);
+    const __m256 is_mode =
+        _mm256_castsi256_ps(_mm256_cmpgt_epi32(mode_limit, _mm256_cvtepu8_epi32(codes)));
+    _mm256_store_ps(term, _mm256_and_ps(_mm256_mul_ps(av, g), is_mode));
+    for (int lane = 0; lane < 8; ++lane) by_code[lane % kLanes][code[i + lane]] += term[lane];
+    const int free_here = __builtin_popcount(free_bits);
+    free_so_far += free_here;
+    embedded_slot += 8 - free_here;
+  }
+  return i;
+}
+#endif
+
 // out[i] = w and, when kWithAverage, the SMA's moving average at i.
 template <typename value_t, bool kWithAverage>
 inline void store_weight(value_t* __restrict__ out, value_t* __restrict__ sma, int64_t i, float w,
@@ -298,6 +444,8 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
                                 const RefTable& table, value_t* __restrict__ out,
                                 value_t* __restrict__ sma, float alpha, int64_t n,
                                 int64_t block_begin, int64_t block_end) {
+  const int64_t free_total = offsets[(n + kCompactBlock - 1) / kCompactBlock];
+  (void)free_total;
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t free_begin = offsets[block];
     const int64_t block_free = offsets[block + 1] - free_begin;
@@ -327,7 +475,17 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
       // set bits (the FREE values, in order) and one over the clear ones (the coefficients).
       int64_t free_slot = free_begin;
       int64_t embedded_slot = embedded_begin;
-      for (int64_t word = begin; word < end; word += 64) {
+      int64_t first = begin;
+#if defined(STDET_AVX2)
+      if constexpr (std::is_same_v<value_t, float> && std::is_same_v<coef_t, float>) {
+        if (g_simd.load(std::memory_order_relaxed)) {
+          first = reconstruct_mixed_avx2<kWithAverage>(free_values, free_slot, free_total, code, a, b,
+                                                       embedded_slot, n - free_total, table.data(),
+                                                       out, sma, alpha, begin, end);
+        }
+      }
+#endif
+      for (int64_t word = first; word < end; word += 64) {
         auto [free_bits, other_bits] = word_masks(code, word, end);
         while (free_bits != 0) {
           const int64_t i = word + __builtin_ctzll(free_bits);
@@ -450,9 +608,11 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
                              float* __restrict__ partial, const SensitivityUpdate<value_t>& update,
                              int64_t num_modes, int64_t n, int64_t block_begin,
                              int64_t block_end) {
-  constexpr int64_t kLanes = 4;
+  constexpr size_t kLanes = 4;
   std::array<std::array<float, stdet::kTableSize>, kLanes> by_code{};
-  std::array<float, kCompactBlock> block_grad;
+  std::array<float, kCompactBlock + 8> block_grad;  // + 8: the AVX2 path stores 8 at a time
+  const int64_t embedded_total = n - offsets[(n + kCompactBlock - 1) / kCompactBlock];
+  (void)embedded_total;
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t free_begin = offsets[block];
     const int64_t block_free = offsets[block + 1] - free_begin;
@@ -470,7 +630,16 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
       }
     } else {
       int64_t free_so_far = 0;
-      for (int64_t word = begin; word < end; word += 64) {
+      int64_t first = begin;
+#if defined(STDET_AVX2)
+      if constexpr (std::is_same_v<value_t, float> && std::is_same_v<coef_t, float>) {
+        if (g_simd.load(std::memory_order_relaxed)) {
+          first = backward_mixed_avx2<kLanes>(grad, code, a, embedded_slot, embedded_total,
+                                              block_grad.data(), free_so_far, by_code, begin, end);
+        }
+      }
+#endif
+      for (int64_t word = first; word < end; word += 64) {
         auto [free_bits, other_bits] = word_masks(code, word, end);
         while (free_bits != 0) {
           block_grad[free_so_far++] = static_cast<float>(grad[word + __builtin_ctzll(free_bits)]);
@@ -587,6 +756,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reconstruct_backward", &reconstruct_backward, "(dL/dvalue, dL/drefs) from dL/dw");
   m.def("lerp_", &lerp_, "averages[k] += alpha * (samples[k] - averages[k])");
   m.def("reconstruct_compact", &reconstruct_compact, "reconstruct, compact layout");
+  m.def("set_simd", &set_simd,
+        "switch the AVX2 paths on (where the CPU has AVX2) or off; returns the previous setting");
+  m.def("simd_enabled", &simd_enabled, "whether the AVX2 paths run");
   m.def("reconstruct_compact_sma_", &reconstruct_compact_sma_,
         "reconstruct_compact, and sma += alpha * (w - sma)");
   m.def("reconstruct_compact_backward", &reconstruct_compact_backward,

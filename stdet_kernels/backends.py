@@ -5,7 +5,8 @@ Four backends implement the same four functions (`reconstruct`, `reconstruct_sma
 
 - ``cuda``: the CUDA extension (stdet_kernels._C_cuda), CUDA tensors;
 - ``triton``: Triton kernels, CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
-- ``cpp``: the C++ CPU extension (stdet_kernels._C), CPU tensors;
+- ``cpp``: the C++ CPU extension (stdet_kernels._C), CPU tensors (its compact-layout kernels take
+  AVX2 paths where the CPU has AVX2, with the same bits; ``_C.set_simd(False)`` switches them off);
 - ``torch``: the pure-PyTorch reference, any device.
 
 Default order: cuda, then triton (on GPU), then cpp, then torch. A missing extension never breaks the

@@ -160,3 +160,69 @@ def test_opcheck_and_compile() -> None:
     expected = reference.reconstruct_compact(*(t.detach() for t in args)).square().sum()
     torch.testing.assert_close(loss.detach(), expected)
     assert args[0].grad is not None and args[5].grad is not None
+
+
+def _cpp_extension():
+    try:
+        from stdet_kernels import _C
+    except ImportError:
+        pytest.skip("the C++ extension is not built")
+    return _C
+
+
+# Mixed blocks of every kind and near the end of the axis (where the AVX2 path hands over to the
+# element-by-element one); float32 values and coefficients are the AVX2 path's dtypes, the others
+# must not take it.
+SIMD_CASES = [c for c in CASES if c[3] == c[4] == torch.float32 and c[0] > 1] + [
+    (4097, "mixed", 10, torch.bfloat16, torch.bfloat16),
+    (4097, "mixed", 10, torch.float32, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", SIMD_CASES, ids=_id)
+def test_cpp_avx2_path_gives_the_scalar_paths_bits(case) -> None:
+    """Forward, fused SMA, backward and the sensitivity's backward: the same bits with the AVX2 path
+    on and off (refs gradient included: both add each mode's terms in the same order)."""
+    cpp = _cpp_extension()
+    previous = cpp.set_simd(True)
+    try:
+        if not cpp.simd_enabled():
+            pytest.skip("this CPU has no AVX2")
+        _, compact = _layout(case)
+        free_values, code, offsets, a, _, refs = compact
+        generator = torch.Generator().manual_seed(3)
+        grad = torch.randn(code.shape, generator=generator).to(free_values.dtype)
+        sma = torch.randn(code.shape, generator=generator).to(free_values.dtype)
+        sensitivity = torch.rand(free_values.shape, generator=generator)
+        results = {}
+        for simd in (True, False):
+            cpp.set_simd(simd)
+            average, tracked = sma.clone(), sensitivity.clone()
+            results[simd] = (
+                cpp.reconstruct_compact(*compact),
+                cpp.reconstruct_compact_sma_(*compact, average, 0.3),
+                average,
+                *cpp.reconstruct_compact_backward(grad, code, offsets, a, refs),
+                *cpp.reconstruct_compact_backward_sensitivity_(
+                    grad, free_values, code, offsets, a, refs, tracked, 0.9, False
+                ),
+                tracked,
+            )
+        for name, on, off in zip(
+            (
+                "w",
+                "w (SMA)",
+                "average",
+                "dL/dfree",
+                "dL/drefs",
+                "dL/dfree (tracked)",
+                "dL/drefs (tracked)",
+                "sensitivity",
+            ),
+            results[True],
+            results[False],
+            strict=True,
+        ):
+            assert torch.equal(on, off), name
+    finally:
+        cpp.set_simd(previous)
