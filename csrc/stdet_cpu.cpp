@@ -278,8 +278,9 @@ inline WordMasks word_masks(const uint8_t* __restrict__ code, int64_t word, int6
 }
 
 // ---------------------------------------------------------------------------------------------
-// AVX2 paths for mixed blocks of float32 values and coefficients, forward and backward, taken when
-// the CPU has AVX2 (a run-time check: the extension is built for any x86-64). A group of 8 elements
+// AVX2 paths for blocks with embedded elements, float32 values (float32 or bfloat16 coefficients,
+// the default), forward and backward, taken when the CPU has AVX2 (a run-time check: the extension
+// is built for any x86-64). A group of 8 elements
 // at a time: a mask of its FREE codes picks, by a permutation from a table of 256, the next FREE
 // values into the FREE lanes and the next coefficients into the others (AVX2 has no expanding load
 // or compressing store). Same arithmetic and rounding as the element-by-element path, and the same
@@ -336,13 +337,32 @@ bool set_simd(bool enabled) {
 bool simd_enabled() { return g_simd.load(); }
 
 #if defined(STDET_AVX2)
-// w, and when kWithAverage the SMA's average, for the mixed block [begin, end) of float32 values and
-// coefficients. Returns the first element it left to the caller (the groups whose loads would run
+// Eight coefficients from p as float32: float32 as they are, bfloat16 by its exact widening (the
+// upper 16 bits of a float32), as static_cast<float> does.
+template <typename coef_t>
+__attribute__((target("avx2,popcnt"))) inline __m256 load8_as_float(const coef_t* p) {
+  if constexpr (std::is_same_v<coef_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    static_assert(std::is_same_v<coef_t, c10::BFloat16>, "float32 or bfloat16 coefficients");
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+}
+
+// The coefficient dtypes the AVX2 paths take (with float32 values).
+template <typename value_t, typename coef_t>
+constexpr bool kAvx2Types =
+    std::is_same_v<value_t, float> &&
+    (std::is_same_v<coef_t, float> || std::is_same_v<coef_t, c10::BFloat16>);
+
+// w, and when kWithAverage the SMA's average, for the mixed block [begin, end) of float32 values
+// (float32 or bfloat16 coefficients). Returns the first element it left to the caller (the groups whose loads would run
 // past the end of free_values or a, b; at most the last few of the whole axis).
-template <bool kWithAverage>
+template <typename coef_t, bool kWithAverage>
 __attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
     const float* __restrict__ free_values, int64_t& free_slot, int64_t free_total,
-    const uint8_t* __restrict__ code, const float* __restrict__ a, const float* __restrict__ b,
+    const uint8_t* __restrict__ code, const coef_t* __restrict__ a, const coef_t* __restrict__ b,
     int64_t& embedded_slot, int64_t embedded_total, const float* __restrict__ table,
     float* __restrict__ out, float* __restrict__ sma, float alpha, int64_t begin, int64_t end) {
   const __m128i free_code = _mm_set1_epi8(static_cast<char>(stdet::kFree));
@@ -350,17 +370,21 @@ __attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
   const __m256i dummy32 = _mm256_set1_epi32(stdet::kDummy);
   const __m256 alpha8 = _mm256_set1_ps(alpha);
   int64_t i = begin;
-  for (; i + 8 <= end && free_slot + 8 <= free_total && embedded_slot + 8 <= embedded_total; i += 8) {
+  for (; i + 8 <= end && embedded_slot + 8 <= embedded_total; i += 8) {
     const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(code + i));
     const int free_bits = _mm_movemask_epi8(_mm_cmpeq_epi8(codes, free_code)) & 0xff;
+    __m256 value = _mm256_setzero_ps();
+    if (free_bits != 0) {
+      if (free_slot + 8 > free_total) break;
+      const __m256i to_free =
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.expand[free_bits]));
+      value = _mm256_permutevar8x32_ps(_mm256_loadu_ps(free_values + free_slot), to_free);
+    }
     const __m256i codes32 = _mm256_cvtepu8_epi32(codes);
-    const __m256i to_free =
-        _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.expand[free_bits]));
     const __m256i to_other =
         _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.expand[~free_bits & 0xff]));
-    const __m256 value = _mm256_permutevar8x32_ps(_mm256_loadu_ps(free_values + free_slot), to_free);
-    const __m256 av = _mm256_permutevar8x32_ps(_mm256_loadu_ps(a + embedded_slot), to_other);
-    const __m256 bv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(b + embedded_slot), to_other);
+    const __m256 av = _mm256_permutevar8x32_ps(load8_as_float(a + embedded_slot), to_other);
+    const __m256 bv = _mm256_permutevar8x32_ps(load8_as_float(b + embedded_slot), to_other);
     const __m256 ref = _mm256_i32gather_ps(table, codes32, 4);
     const __m256 embedded = _mm256_add_ps(_mm256_mul_ps(av, ref), bv);  // a * ref + b, two roundings
     const __m256 is_free = _mm256_castsi256_ps(_mm256_cmpeq_epi32(codes32, free32));
@@ -379,14 +403,15 @@ __attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
   return i;
 }
 
-// The backward of the mixed block [begin, end) of float32 gradients and coefficients: the FREE
+// The backward of the mixed block [begin, end) of float32 gradients (float32 or bfloat16
+// coefficients): the FREE
 // elements' gradients in order into block_grad (room for kCompactBlock + 8), and every element's
 // refs-gradient term (a * grad where embedded, 0 elsewhere) added to by_code[i % 4][code] in
 // increasing i, as the element-by-element path adds them (FREE elements add 0 to the FREE code's
 // entry, which is no mode). Returns the first element it left to the caller.
-template <size_t kLanes>
+template <typename coef_t, size_t kLanes>
 __attribute__((target("avx2,popcnt"))) int64_t backward_mixed_avx2(
-    const float* __restrict__ grad, const uint8_t* __restrict__ code, const float* __restrict__ a,
+    const float* __restrict__ grad, const uint8_t* __restrict__ code, const coef_t* __restrict__ a,
     int64_t& embedded_slot, int64_t embedded_total, float* __restrict__ block_grad,
     int64_t& free_so_far, std::array<std::array<float, stdet::kTableSize>, kLanes>& by_code,
     int64_t begin, int64_t end) {
@@ -404,7 +429,7 @@ __attribute__((target("avx2,popcnt"))) int64_t backward_mixed_avx2(
     _mm256_storeu_ps(block_grad + free_so_far, _mm256_permutevar8x32_ps(g, to_slots));
     const __m256i to_other =
         _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.expand[~free_bits & 0xff]));
-    const __m256 av = _mm256_permutevar8x32_ps(_mm256_loadu_ps(a + embedded_slot), to_other);
+    const __m256 av = _mm256_permutevar8x32_ps(load8_as_float(a + embedded_slot), to_other);
     const __m256 is_mode =
         _mm256_castsi256_ps(_mm256_cmpgt_epi32(mode_limit, _mm256_cvtepu8_epi32(codes)));
     _mm256_store_ps(term, _mm256_and_ps(_mm256_mul_ps(av, g), is_mode));
@@ -446,6 +471,10 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
                                 int64_t block_begin, int64_t block_end) {
   const int64_t free_total = offsets[(n + kCompactBlock - 1) / kCompactBlock];
   (void)free_total;
+  bool use_avx2 = false;  // blocks with none FREE then take it too: faster than their loop below
+#if defined(STDET_AVX2)
+  if constexpr (kAvx2Types<value_t, coef_t>) use_avx2 = g_simd.load(std::memory_order_relaxed);
+#endif
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t free_begin = offsets[block];
     const int64_t block_free = offsets[block + 1] - free_begin;
@@ -459,7 +488,7 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
         const float w = static_cast<float>(values[i - begin]);
         store_weight<value_t, kWithAverage>(out, sma, i, w, alpha);
       }
-    } else if (block_free == 0) {
+    } else if (block_free == 0 && !use_avx2) {
       const coef_t* __restrict__ block_a = a + embedded_begin;
       const coef_t* __restrict__ block_b = b + embedded_begin;
 #pragma omp simd
@@ -477,9 +506,9 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
       int64_t embedded_slot = embedded_begin;
       int64_t first = begin;
 #if defined(STDET_AVX2)
-      if constexpr (std::is_same_v<value_t, float> && std::is_same_v<coef_t, float>) {
-        if (g_simd.load(std::memory_order_relaxed)) {
-          first = reconstruct_mixed_avx2<kWithAverage>(free_values, free_slot, free_total, code, a, b,
+      if constexpr (kAvx2Types<value_t, coef_t>) {
+        if (use_avx2) {
+          first = reconstruct_mixed_avx2<coef_t, kWithAverage>(free_values, free_slot, free_total, code, a, b,
                                                        embedded_slot, n - free_total, table.data(),
                                                        out, sma, alpha, begin, end);
         }
@@ -613,6 +642,10 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
   std::array<float, kCompactBlock + 8> block_grad;  // + 8: the AVX2 path stores 8 at a time
   const int64_t embedded_total = n - offsets[(n + kCompactBlock - 1) / kCompactBlock];
   (void)embedded_total;
+  bool use_avx2 = false;  // blocks with none FREE then take it too: faster than their loop below
+#if defined(STDET_AVX2)
+  if constexpr (kAvx2Types<value_t, coef_t>) use_avx2 = g_simd.load(std::memory_order_relaxed);
+#endif
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t free_begin = offsets[block];
     const int64_t block_free = offsets[block + 1] - free_begin;
@@ -622,7 +655,7 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
     if (block_free == end - begin) {
 #pragma omp simd
       for (int64_t k = 0; k < block_free; ++k) block_grad[k] = static_cast<float>(grad[begin + k]);
-    } else if (block_free == 0) {
+    } else if (block_free == 0 && !use_avx2) {
       for (int64_t i = begin; i < end; ++i) {
         const uint8_t c = code[i];
         by_code[i % kLanes][c] += stdet::ref_grad_contribution(
@@ -632,9 +665,9 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
       int64_t free_so_far = 0;
       int64_t first = begin;
 #if defined(STDET_AVX2)
-      if constexpr (std::is_same_v<value_t, float> && std::is_same_v<coef_t, float>) {
-        if (g_simd.load(std::memory_order_relaxed)) {
-          first = backward_mixed_avx2<kLanes>(grad, code, a, embedded_slot, embedded_total,
+      if constexpr (kAvx2Types<value_t, coef_t>) {
+        if (use_avx2) {
+          first = backward_mixed_avx2<coef_t, kLanes>(grad, code, a, embedded_slot, embedded_total,
                                               block_grad.data(), free_so_far, by_code, begin, end);
         }
       }

@@ -170,13 +170,14 @@ def _cpp_extension():
     return _C
 
 
-# Mixed blocks of every kind and near the end of the axis (where the AVX2 path hands over to the
-# element-by-element one); float32 values and coefficients are the AVX2 path's dtypes, the others
-# must not take it.
-SIMD_CASES = [c for c in CASES if c[3] == c[4] == torch.float32 and c[0] > 1] + [
-    (4097, "mixed", 10, torch.bfloat16, torch.bfloat16),
-    (4097, "mixed", 10, torch.float32, torch.bfloat16),
-]
+# Blocks of every kind and near the end of the axis (where the AVX2 path hands over to the element
+# by element one); float32 values with float32 or bfloat16 (the default) coefficients are the AVX2
+# path's dtypes, the others must not take it.
+SIMD_CASES = (
+    [c for c in CASES if c[3] == c[4] == torch.float32 and c[0] > 1]
+    + [(n, mix, 10, torch.float32, torch.bfloat16) for n in SIZES[1:] for mix in MIXES + NEARLY_ONE_KIND]
+    + [(4097, "mixed", 10, torch.bfloat16, torch.bfloat16), (4097, "mixed", 10, torch.float32, torch.float16)]
+)
 
 
 @pytest.mark.parametrize("case", SIMD_CASES, ids=_id)
