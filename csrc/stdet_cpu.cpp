@@ -325,16 +325,21 @@ std::atomic<bool> g_simd{false};
 
 // Switch the AVX2 paths on or off (on only where the CPU has AVX2); returns the previous setting.
 bool set_simd(bool enabled) {
-  const bool previous = g_simd.load();
 #if defined(STDET_AVX2)
-  g_simd.store(enabled && cpu_has_avx2());
+  return g_simd.exchange(enabled && cpu_has_avx2());
 #else
   (void)enabled;
+  return g_simd.load();
 #endif
-  return previous;
 }
 
 bool simd_enabled() { return g_simd.load(); }
+
+// Groups of 8 elements the AVX2 paths have computed since the extension loaded (one relaxed atomic
+// add per block): lets a test see that the path it compares really ran.
+std::atomic<int64_t> g_avx2_groups{0};
+
+int64_t avx2_groups() { return g_avx2_groups.load(); }
 
 #if defined(STDET_AVX2)
 // Eight coefficients from p as float32: float32 as they are, bfloat16 by its exact widening (the
@@ -400,6 +405,7 @@ __attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
     free_slot += free_here;
     embedded_slot += 8 - free_here;
   }
+  g_avx2_groups.fetch_add((i - begin) / 8, std::memory_order_relaxed);
   return i;
 }
 
@@ -438,6 +444,7 @@ __attribute__((target("avx2,popcnt"))) int64_t backward_mixed_avx2(
     free_so_far += free_here;
     embedded_slot += 8 - free_here;
   }
+  g_avx2_groups.fetch_add((i - begin) / 8, std::memory_order_relaxed);
   return i;
 }
 #endif
@@ -792,6 +799,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_simd", &set_simd,
         "switch the AVX2 paths on (where the CPU has AVX2) or off; returns the previous setting");
   m.def("simd_enabled", &simd_enabled, "whether the AVX2 paths run");
+  m.def("avx2_groups", &avx2_groups, "groups of 8 elements the AVX2 paths have computed so far");
   m.def("reconstruct_compact_sma_", &reconstruct_compact_sma_,
         "reconstruct_compact, and sma += alpha * (w - sma)");
   m.def("reconstruct_compact_backward", &reconstruct_compact_backward,

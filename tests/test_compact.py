@@ -195,9 +195,10 @@ def test_cpp_avx2_path_gives_the_scalar_paths_bits(case) -> None:
         grad = torch.randn(code.shape, generator=generator).to(free_values.dtype)
         sma = torch.randn(code.shape, generator=generator).to(free_values.dtype)
         sensitivity = torch.rand(free_values.shape, generator=generator)
-        results = {}
+        results, groups = {}, {}
         for simd in (True, False):
             cpp.set_simd(simd)
+            before = cpp.avx2_groups()
             average, tracked = sma.clone(), sensitivity.clone()
             results[simd] = (
                 cpp.reconstruct_compact(*compact),
@@ -209,6 +210,16 @@ def test_cpp_avx2_path_gives_the_scalar_paths_bits(case) -> None:
                 ),
                 tracked,
             )
+            groups[simd] = cpp.avx2_groups() - before
+        # The path under test ran where it should (float32 values, float32 or bfloat16 coefficients,
+        # some element embedded), and only there.
+        takes_avx2 = (
+            free_values.dtype == torch.float32
+            and a.dtype in (torch.float32, torch.bfloat16)
+            and bool((code != FREE).any())
+            and code.numel() >= 8
+        )
+        assert (groups[True] > 0) == takes_avx2 and groups[False] == 0, groups
         for name, on, off in zip(
             (
                 "w",
