@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import tomllib
@@ -234,33 +235,47 @@ def report(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines + verdict(results)) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/study"))
-    parser.add_argument("--results", type=Path, default=Path("bench/results/screen_guard.md"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    cache = args.out / "screens" / "guard.json"
+def measured_runs(
+    out: Path, cache: Path, measure: Callable[[Path], dict], hint: str
+) -> dict[str, list[dict]]:
+    """Track -> `measure` of each finished STDET run at S under `out` (the study's runs), kept in the
+    JSON `cache` as it goes: a rerun measures only the runs the cache lacks. `hint` says how to make
+    the runs when there are none."""
     results: dict[str, list[dict]] = json.loads(cache.read_text()) if cache.exists() else {}
     for track in ("scratch", "finetune"):
-        runs = sorted((args.out / track).glob("lambda*/seed*/stdet_*_b1.0"))
         done = {(r["lmbda"], r["seed"]) for r in results.get(track, [])}
-        for run in runs:
+        for run in sorted((out / track).glob("lambda*/seed*/stdet_*_b1.0")):
             if not (run / "summary.json").exists():
                 continue
             config = run_config(run)
             if (config.lmbda, config.seed) in done:
                 continue
-            measured = json.loads(json.dumps(measure(run)))  # probe sizes as strings, as in the cache
+            measured = json.loads(json.dumps(measure(run)))  # keys as strings, as in the cache
             results.setdefault(track, []).append(measured)
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(results))
             print(track, run.parent.parent.name, run.parent.name, "done", flush=True)
     if not results:
-        raise SystemExit(f"no finished STDET runs under {args.out}: run python bench/study.py --harm first")
+        raise SystemExit(f"no finished STDET runs under {out}: {hint}")
+    return results
+
+
+def run_screen(name: str, doc: str, measure: Callable[[Path], dict], report, hint: str) -> None:
+    """A screen's command line: measure the study's runs (cached in runs/study/screens/<name>.json),
+    write `report(results)` to bench/results/screen_<name>.md and print it."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/study"))
+    parser.add_argument("--results", type=Path, default=Path(f"bench/results/screen_{name}.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results = measured_runs(args.out, args.out / "screens" / f"{name}.json", measure, hint)
     text = report(results)
     args.results.write_text(text)
     print(text)
+
+
+def main() -> None:
+    run_screen("guard", __doc__ or "", measure, report, "run python bench/study.py --harm first")
 
 
 if __name__ == "__main__":

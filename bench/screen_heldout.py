@@ -20,14 +20,14 @@ Table: bench/results/screen_heldout.md.
     python bench/screen_heldout.py [--out runs/study]
 """
 
-import argparse
-import json
 import math
 import statistics
 from pathlib import Path
 
 import torch
-from screen_guard import median, restore, run_config  # bench/ is on sys.path: this runs as `python bench/...`
+
+# bench/ is on sys.path: this runs as `python bench/screen_heldout.py`.
+from screen_guard import median, restore, run_screen
 
 from stdet.evaluate import evaluate
 
@@ -178,31 +178,7 @@ def report(results: dict[str, list[dict]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/study"))
-    parser.add_argument("--results", type=Path, default=Path("bench/results/screen_heldout.md"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    cache = args.out / "screens" / "heldout.json"
-    results: dict[str, list[dict]] = json.loads(cache.read_text()) if cache.exists() else {}
-    for track in ("scratch", "finetune"):
-        done = {(r["lmbda"], r["seed"]) for r in results.get(track, [])}
-        for run in sorted((args.out / track).glob("lambda*/seed*/stdet_*_b1.0")):
-            if not (run / "summary.json").exists():
-                continue
-            config = run_config(run)
-            if (config.lmbda, config.seed) in done:
-                continue
-            measured = measure(run)
-            results.setdefault(track, []).append(measured)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(results))
-            print(track, run.parent.parent.name, run.parent.name, "done", flush=True)
-    if not results:
-        raise SystemExit(f"no finished STDET runs under {args.out}: run python bench/study.py first")
-    text = report(results)
-    args.results.write_text(text)
-    print(text)
+    run_screen("heldout", __doc__ or "", measure, report, "run python bench/study.py first")
 
 
 if __name__ == "__main__":
