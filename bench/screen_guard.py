@@ -23,6 +23,7 @@ computes every probe's per-crop losses for both. Table: bench/results/screen_gua
 import argparse
 import json
 import math
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -121,12 +122,6 @@ RULES = [(f"{size} crops, mean", size, False) for size in PROBE_SIZES] + [
 ]
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
-
-
 def rule_stats(runs: list[dict], choose) -> dict:
     """How a rule fares on `runs`: `choose(run)` is True where it hands out the average."""
     changes, wrong, wrong_big, worst, kept = {}, 0, 0, 0.0, 0
@@ -139,7 +134,7 @@ def rule_stats(runs: list[dict], choose) -> dict:
         wrong_big += cost > 1e-3
         worst = max(worst, cost)
         changes.setdefault(r["lmbda"], []).append(chosen / r["held_live"] - 1)
-    median_change = median([median(v) for v in changes.values()])
+    median_change = statistics.median([statistics.median(v) for v in changes.values()])
     return {"kept": kept, "wrong": wrong, "wrong_big": wrong_big, "worst": worst, "median": median_change}
 
 

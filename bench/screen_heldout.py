@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 # bench/ is on sys.path: this runs as `python bench/screen_heldout.py`.
-from screen_guard import median, restore, run_screen
+from screen_guard import restore, run_screen
 
-from stdet.evaluate import evaluate
+from stdet.evaluate import evaluate, rd_loss
 
 SIGMAS = 2.0
 
@@ -71,13 +71,18 @@ def mean_of(records: dict, key: str) -> float:
 
 
 def rd_change(run: dict, weights: str, bpp: str = "bpp") -> float:
-    """Held-out RD loss (mean over photos) of `weights` against the live weights', with real or
-    estimated bpp."""
+    """Held-out RD loss (mean over photos; the study's MSE objective) of `weights` against the live
+    weights', with real or estimated bpp."""
 
     def rd(records: dict) -> float:
-        return statistics.fmean(run["lmbda"] * 255.0**2 * r["mse"] + r[bpp] for r in records.values())
+        return statistics.fmean(rd_loss("mse", run["lmbda"], r["mse"], 0.0, r[bpp]) for r in records.values())
 
     return rd(run[weights]) / rd(run["live"]) - 1
+
+
+def rate_change(run: dict) -> float:
+    """The average's mean bpp over the photos against the live weights'."""
+    return mean_of(run["average"], "bpp") / mean_of(run["live"], "bpp") - 1
 
 
 def photo_changes(run: dict, key: str = "mse") -> dict[str, float]:
@@ -94,9 +99,9 @@ def track_summary(runs: list[dict]) -> dict:
         "runs": len(runs),
         "mean": statistics.fmean(changes),
         "se": spread,
-        "median": median(changes),
-        "rate": statistics.fmean(mean_of(r["average"], "bpp") / mean_of(r["live"], "bpp") - 1 for r in runs),
-        "rate_lower": sum(mean_of(r["average"], "bpp") < mean_of(r["live"], "bpp") for r in runs),
+        "median": statistics.median(changes),
+        "rate": statistics.fmean(rate_change(r) for r in runs),
+        "rate_lower": sum(rate_change(r) < 0 for r in runs),
         "photos_lower": lower,
         "photos": sum(len(p) for p in photos),
         "mixed_runs": sum(min(p.values()) < 0 < max(p.values()) for p in photos),
@@ -169,10 +174,11 @@ def report(results: dict[str, list[dict]]) -> str:
     for track, runs in results.items():
         for r in sorted(runs, key=lambda r: (r["lmbda"], r["seed"])):
             photos = photo_changes(r)
-            rate = mean_of(r["average"], "bpp") / mean_of(r["live"], "bpp") - 1
             lines.append(
                 f"| {track} | {r['lmbda']:g} | {r['seed']} | {100 * rd_change(r, 'average'):+.2f}% | "
-                f"{100 * rate:+.2f}% | " + " | ".join(f"{100 * photos[n]:+.2f}%" for n in names) + " |"
+                f"{100 * rate_change(r):+.2f}% | "
+                + " | ".join(f"{100 * photos[n]:+.2f}%" for n in names)
+                + " |"
             )
     return "\n".join(lines + verdict(results)) + "\n"
 
