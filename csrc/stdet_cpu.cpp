@@ -280,10 +280,9 @@ inline WordMasks word_masks(const uint8_t* __restrict__ code, int64_t word, int6
 // ---------------------------------------------------------------------------------------------
 // AVX2 paths for blocks with embedded elements, float32 values (float32 or bfloat16 coefficients,
 // the default), forward and backward, taken when the CPU has AVX2 (a run-time check: the extension
-// is built for any x86-64). A group of 8 elements
-// at a time: a mask of its FREE codes picks, by a permutation from a table of 256, the next FREE
-// values into the FREE lanes and the next coefficients into the others (AVX2 has no expanding load
-// or compressing store). Same arithmetic and rounding as the element-by-element path, and the same
+// is built for any x86-64). A group of 8 elements at a time: a mask of its FREE codes picks, by a
+// permutation from a table of 256, the next FREE values into the FREE lanes and the next
+// coefficients into the others (AVX2 has no expanding load or compressing store). Same arithmetic and rounding as the element-by-element path, and the same
 // order of the refs gradient's additions: the same bits (tests/test_compact.py compares the two).
 // On 7M elements with 80% embedded at random, one core: forward 14.8 -> 6.4 ms, backward 12.0 ->
 // 6.2 ms (a copy of the 7M floats: 3.2 ms).
@@ -361,9 +360,9 @@ constexpr bool kAvx2Types =
     std::is_same_v<value_t, float> &&
     (std::is_same_v<coef_t, float> || std::is_same_v<coef_t, c10::BFloat16>);
 
-// w, and when kWithAverage the SMA's average, for the mixed block [begin, end) of float32 values
-// (float32 or bfloat16 coefficients). Returns the first element it left to the caller (the groups whose loads would run
-// past the end of free_values or a, b; at most the last few of the whole axis).
+// w, and when kWithAverage the SMA's average, for the block [begin, end) of float32 values (float32
+// or bfloat16 coefficients). Returns the first element it left to the caller (the groups whose loads
+// would run past the end of free_values or a, b: at most the last few of the whole axis).
 template <typename coef_t, bool kWithAverage>
 __attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
     const float* __restrict__ free_values, int64_t& free_slot, int64_t free_total,
@@ -409,9 +408,8 @@ __attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
   return i;
 }
 
-// The backward of the mixed block [begin, end) of float32 gradients (float32 or bfloat16
-// coefficients): the FREE
-// elements' gradients in order into block_grad (room for kCompactBlock + 8), and every element's
+// The backward of the block [begin, end) of float32 gradients (float32 or bfloat16 coefficients):
+// the FREE elements' gradients in order into block_grad (room for kCompactBlock + 8), and every element's
 // refs-gradient term (a * grad where embedded, 0 elsewhere) added to by_code[i % 4][code] in
 // increasing i, as the element-by-element path adds them (FREE elements add 0 to the FREE code's
 // entry, which is no mode). Returns the first element it left to the caller.
@@ -475,9 +473,7 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
                                 const coef_t* __restrict__ a, const coef_t* __restrict__ b,
                                 const RefTable& table, value_t* __restrict__ out,
                                 value_t* __restrict__ sma, float alpha, int64_t n,
-                                int64_t block_begin, int64_t block_end) {
-  const int64_t free_total = offsets[(n + kCompactBlock - 1) / kCompactBlock];
-  (void)free_total;
+                                int64_t free_count, int64_t block_begin, int64_t block_end) {
   bool use_avx2 = false;  // blocks with none FREE then take it too: faster than their loop below
 #if defined(STDET_AVX2)
   if constexpr (kAvx2Types<value_t, coef_t>) use_avx2 = g_simd.load(std::memory_order_relaxed);
@@ -515,9 +511,9 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
 #if defined(STDET_AVX2)
       if constexpr (kAvx2Types<value_t, coef_t>) {
         if (use_avx2) {
-          first = reconstruct_mixed_avx2<coef_t, kWithAverage>(free_values, free_slot, free_total, code, a, b,
-                                                       embedded_slot, n - free_total, table.data(),
-                                                       out, sma, alpha, begin, end);
+          first = reconstruct_mixed_avx2<coef_t, kWithAverage>(
+              free_values, free_slot, free_count, code, a, b, embedded_slot, n - free_count,
+              table.data(), out, sma, alpha, begin, end);
         }
       }
 #endif
@@ -591,7 +587,7 @@ at::Tensor reconstruct_compact_impl(const at::Tensor& free_values, const at::Ten
       at::parallel_for(0, blocks, kGrain / kCompactBlock, [&](int64_t first, int64_t last) {
         reconstruct_compact_blocks<value_t, coef_t, kWithAverage>(
             free_ptr, code_ptr, offsets_ptr, a_ptr, b_ptr, table, out_ptr, sma_ptr, alpha_f, n,
-            first, last);
+            free_values.numel(), first, last);
       });
     });
   });
@@ -642,13 +638,11 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
                              const int32_t* __restrict__ offsets, const coef_t* __restrict__ a,
                              value_t* __restrict__ grad_free,
                              float* __restrict__ partial, const SensitivityUpdate<value_t>& update,
-                             int64_t num_modes, int64_t n, int64_t block_begin,
-                             int64_t block_end) {
+                             int64_t num_modes, int64_t n, int64_t free_count,
+                             int64_t block_begin, int64_t block_end) {
   constexpr size_t kLanes = 4;
   std::array<std::array<float, stdet::kTableSize>, kLanes> by_code{};
   std::array<float, kCompactBlock + 8> block_grad;  // + 8: the AVX2 path stores 8 at a time
-  const int64_t embedded_total = n - offsets[(n + kCompactBlock - 1) / kCompactBlock];
-  (void)embedded_total;
   bool use_avx2 = false;  // blocks with none FREE then take it too: faster than their loop below
 #if defined(STDET_AVX2)
   if constexpr (kAvx2Types<value_t, coef_t>) use_avx2 = g_simd.load(std::memory_order_relaxed);
@@ -674,8 +668,9 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
 #if defined(STDET_AVX2)
       if constexpr (kAvx2Types<value_t, coef_t>) {
         if (use_avx2) {
-          first = backward_mixed_avx2<coef_t, kLanes>(grad, code, a, embedded_slot, embedded_total,
-                                              block_grad.data(), free_so_far, by_code, begin, end);
+          first = backward_mixed_avx2<coef_t, kLanes>(grad, code, a, embedded_slot, n - free_count,
+                                                      block_grad.data(), free_so_far, by_code,
+                                                      begin, end);
         }
       }
 #endif
@@ -759,8 +754,8 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
         for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
           compact_backward_blocks<value_t, coef_t, kWithSensitivity>(
               grad_ptr, code_ptr, offsets_ptr, a_ptr, grad_free_ptr,
-              partials.data() + chunk * num_modes, update, num_modes, n, chunk * kBlocksPerChunk,
-              std::min(blocks, (chunk + 1) * kBlocksPerChunk));
+              partials.data() + chunk * num_modes, update, num_modes, n, free_count,
+              chunk * kBlocksPerChunk, std::min(blocks, (chunk + 1) * kBlocksPerChunk));
         }
       });
     });
