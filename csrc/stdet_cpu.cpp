@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <type_traits>
@@ -408,14 +409,16 @@ __attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
   return i;
 }
 
-// The backward of the block [begin, end) of float32 gradients (float32 or bfloat16 coefficients):
+// The backward of the block [begin, end) of float32 gradients, element i's at
+// block_source[i - begin] (float32 or bfloat16 coefficients):
 // the FREE elements' gradients in order into block_grad (room for kCompactBlock + 8), and every element's
 // refs-gradient term (a * grad where embedded, 0 elsewhere) added to by_code[i % 4][code] in
 // increasing i, as the element-by-element path adds them (FREE elements add 0 to the FREE code's
 // entry, which is no mode). Returns the first element it left to the caller.
 template <typename coef_t, size_t kLanes>
 __attribute__((target("avx2,popcnt"))) int64_t backward_mixed_avx2(
-    const float* __restrict__ grad, const uint8_t* __restrict__ code, const coef_t* __restrict__ a,
+    const float* __restrict__ block_source, const uint8_t* __restrict__ code,
+    const coef_t* __restrict__ a,
     int64_t& embedded_slot, int64_t embedded_total, float* __restrict__ block_grad,
     int64_t& free_so_far, std::array<std::array<float, stdet::kTableSize>, kLanes>& by_code,
     int64_t begin, int64_t end) {
@@ -427,7 +430,7 @@ __attribute__((target("avx2,popcnt"))) int64_t backward_mixed_avx2(
   for (; i + 8 <= end && embedded_slot + 8 <= embedded_total; i += 8) {
     const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(code + i));
     const int free_bits = _mm_movemask_epi8(_mm_cmpeq_epi8(codes, free_code)) & 0xff;
-    const __m256 g = _mm256_loadu_ps(grad + i);
+    const __m256 g = _mm256_loadu_ps(block_source + (i - begin));
     const __m256i to_slots =
         _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.compress[free_bits]));
     _mm256_storeu_ps(block_grad + free_so_far, _mm256_permutevar8x32_ps(g, to_slots));
@@ -621,6 +624,36 @@ struct SensitivityUpdate {
   bool fisher;
 };
 
+// Where the backward reads dL/dw: one flat gradient, or the layers' own gradients laid end to end
+// (the pieces of the flat weight's views, read in place: no concatenation first). `block` returns
+// the gradients of elements [begin, end) (one block) contiguously: a pointer into a piece when the
+// block lies inside one, else a copy into `scratch` (a block across pieces, or inside a piece that
+// got no gradient: zeros).
+template <typename value_t>
+struct FlatGradient {
+  const value_t* __restrict__ grad;
+  const value_t* block(int64_t begin, int64_t, value_t*) const { return grad + begin; }
+};
+
+template <typename value_t>
+struct PieceGradients {
+  std::vector<const value_t*> pieces;  // nullptr: a piece with no gradient (zeros)
+  std::vector<int64_t> starts;         // first element of each piece, then the total
+
+  const value_t* block(int64_t begin, int64_t end, value_t* scratch) const {
+    // The last piece starting at or before begin (pieces of no elements are skipped by this).
+    int64_t p = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    if (end <= starts[p + 1] && pieces[p] != nullptr) return pieces[p] + (begin - starts[p]);
+    for (int64_t i = begin; i < end; ++p) {
+      const int64_t stop = std::min(end, starts[p + 1]);
+      for (; i < stop; ++i) {
+        scratch[i - begin] = pieces[p] != nullptr ? pieces[p][i - starts[p]] : value_t(0);
+      }
+    }
+    return scratch;
+  }
+};
+
 // (dL/dfree_values, dL/drefs) and, when kWithSensitivity, the sensitivity's update; the refs
 // gradient in fixed chunks of kReduceChunk elements, as in the dense backward.
 //
@@ -633,8 +666,8 @@ struct SensitivityUpdate {
 // sensitivity. The per-code sums rotate over kLanes tables by element index, so a run of one mode is
 // kLanes independent chains of additions, not one; each mode sums the same terms in the same order
 // on every path, and the tables are added in a fixed order.
-template <typename value_t, typename coef_t, bool kWithSensitivity>
-void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __restrict__ code,
+template <typename value_t, typename coef_t, bool kWithSensitivity, typename Source>
+void compact_backward_blocks(const Source& source, const uint8_t* __restrict__ code,
                              const int32_t* __restrict__ offsets, const coef_t* __restrict__ a,
                              value_t* __restrict__ grad_free,
                              float* __restrict__ partial, const SensitivityUpdate<value_t>& update,
@@ -643,6 +676,7 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
   constexpr size_t kLanes = 4;
   std::array<std::array<float, stdet::kTableSize>, kLanes> by_code{};
   std::array<float, kCompactBlock + 8> block_grad;  // + 8: the AVX2 path stores 8 at a time
+  std::array<value_t, kCompactBlock> scratch;       // a block's gradients gathered across pieces
   bool use_avx2 = false;  // blocks with none FREE then take it too: faster than their loop below
 #if defined(STDET_AVX2)
   if constexpr (kAvx2Types<value_t, coef_t>) use_avx2 = g_simd.load(std::memory_order_relaxed);
@@ -652,15 +686,16 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
     const int64_t block_free = offsets[block + 1] - free_begin;
     const int64_t begin = block * kCompactBlock;
     const int64_t end = std::min(n, begin + kCompactBlock);
+    const value_t* __restrict__ grad = source.block(begin, end, scratch.data());  // element begin + k at k
     int64_t embedded_slot = begin - free_begin;
     if (block_free == end - begin) {
 #pragma omp simd
-      for (int64_t k = 0; k < block_free; ++k) block_grad[k] = static_cast<float>(grad[begin + k]);
+      for (int64_t k = 0; k < block_free; ++k) block_grad[k] = static_cast<float>(grad[k]);
     } else if (block_free == 0 && !use_avx2) {
       for (int64_t i = begin; i < end; ++i) {
         const uint8_t c = code[i];
         by_code[i % kLanes][c] += stdet::ref_grad_contribution(
-            c, static_cast<float>(a[embedded_slot++]), static_cast<float>(grad[i]));
+            c, static_cast<float>(a[embedded_slot++]), static_cast<float>(grad[i - begin]));
       }
     } else {
       int64_t free_so_far = 0;
@@ -677,7 +712,8 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
       for (int64_t word = first; word < end; word += 64) {
         auto [free_bits, other_bits] = word_masks(code, word, end);
         while (free_bits != 0) {
-          block_grad[free_so_far++] = static_cast<float>(grad[word + __builtin_ctzll(free_bits)]);
+          block_grad[free_so_far++] =
+              static_cast<float>(grad[word - begin + __builtin_ctzll(free_bits)]);
           free_bits &= free_bits - 1;
         }
         while (other_bits != 0) {
@@ -685,7 +721,7 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
           other_bits &= other_bits - 1;
           const uint8_t c = code[i];
           by_code[i % kLanes][c] += stdet::ref_grad_contribution(
-              c, static_cast<float>(a[embedded_slot++]), static_cast<float>(grad[i]));
+              c, static_cast<float>(a[embedded_slot++]), static_cast<float>(grad[i - begin]));
         }
       }
     }
@@ -708,13 +744,48 @@ void compact_backward_blocks(const value_t* __restrict__ grad, const uint8_t* __
   }
 }
 
+// The backward's gradient: `grad` (one flat tensor), or with `pieces` the layers' gradients in order
+// (an undefined or empty tensor for a piece of sizes[k] > 0 elements that got none).
+struct GradientInput {
+  const at::Tensor* grad = nullptr;
+  const std::vector<at::Tensor>* pieces = nullptr;
+  const std::vector<int64_t>* sizes = nullptr;
+};
+
+// The gradient's dtype, after checking it covers code's elements.
+at::ScalarType check_gradient_input(const GradientInput& input, const at::Tensor& code) {
+  if (input.grad != nullptr) {
+    check_contiguous_cpu(*input.grad, "grad");
+    TORCH_CHECK(input.grad->numel() == code.numel(), "grad: expected the number of elements of code");
+    return input.grad->scalar_type();
+  }
+  const auto& pieces = *input.pieces;
+  const auto& sizes = *input.sizes;
+  TORCH_CHECK(pieces.size() == sizes.size(), "pieces: expected one per size");
+  int64_t total = 0;
+  c10::optional<at::ScalarType> dtype;
+  for (size_t k = 0; k < pieces.size(); ++k) {
+    TORCH_CHECK(sizes[k] >= 0, "sizes: expected no negative size");
+    total += sizes[k];
+    if (!pieces[k].defined() || (pieces[k].numel() == 0 && sizes[k] > 0)) continue;
+    check_contiguous_cpu(pieces[k], "pieces");
+    TORCH_CHECK(pieces[k].numel() == sizes[k], "pieces: piece ", k, " has ", pieces[k].numel(),
+                " elements, its size is ", sizes[k]);
+    TORCH_CHECK(!dtype || *dtype == pieces[k].scalar_type(), "pieces: expected one dtype");
+    dtype = pieces[k].scalar_type();
+  }
+  TORCH_CHECK(total == code.numel(), "sizes: expected ", code.numel(), " elements in all, got ",
+              total);
+  TORCH_CHECK(dtype.has_value(), "pieces: expected at least one gradient");
+  return *dtype;
+}
+
 template <bool kWithSensitivity>
 std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
-    const at::Tensor& grad, const at::Tensor& code, const at::Tensor& offsets, const at::Tensor& a,
-    const at::Tensor& refs, const at::Tensor* free_values, at::Tensor* sensitivity, double decay,
-    bool fisher) {
-  check_contiguous_cpu(grad, "grad");
-  TORCH_CHECK(grad.numel() == code.numel(), "grad: expected the number of elements of code");
+    const GradientInput& input, const at::Tensor& code, const at::Tensor& offsets,
+    const at::Tensor& a, const at::Tensor& refs, const at::Tensor* free_values,
+    at::Tensor* sensitivity, double decay, bool fisher) {
+  const at::ScalarType grad_dtype = check_gradient_input(input, code);
   TORCH_CHECK(refs.dim() == 1, "refs: expected a 1-D tensor");
   const int64_t n = code.numel();
   const int64_t blocks = (n + kCompactBlock - 1) / kCompactBlock;
@@ -722,8 +793,7 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
   if constexpr (kWithSensitivity) {
     check_contiguous_cpu(*free_values, "free_values");
     check_contiguous_cpu(*sensitivity, "sensitivity");
-    TORCH_CHECK(free_values->scalar_type() == grad.scalar_type() &&
-                    free_values->numel() == free_count,
+    TORCH_CHECK(free_values->scalar_type() == grad_dtype && free_values->numel() == free_count,
                 "free_values: expected the dtype of grad and one element per FREE code");
     TORCH_CHECK(sensitivity->scalar_type() == at::kFloat && sensitivity->numel() == free_count,
                 "sensitivity: expected float32 and one element per FREE code");
@@ -731,15 +801,14 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
   const int64_t num_modes = refs.numel();
   constexpr int64_t kBlocksPerChunk = kReduceChunk / kCompactBlock;
   const int64_t num_chunks = (blocks + kBlocksPerChunk - 1) / kBlocksPerChunk;
-  at::Tensor grad_free = at::empty({n - a.numel()}, grad.options());
+  at::Tensor grad_free = at::empty({n - a.numel()}, code.options().dtype(grad_dtype));
   std::vector<float> partials(static_cast<size_t>(num_chunks * num_modes), 0.0f);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_dtype,
                                   "reconstruct_compact_backward", [&] {
     using value_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(),
                                     "reconstruct_compact_backward", [&] {
       using coef_t = scalar_t;
-      const value_t* grad_ptr = grad.data_ptr<value_t>();
       const uint8_t* code_ptr = code.data_ptr<uint8_t>();
       const int32_t* offsets_ptr = offsets.data_ptr<int32_t>();
       const coef_t* a_ptr = a.data_ptr<coef_t>();
@@ -750,14 +819,31 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
         update.free_values = free_values->data_ptr<value_t>();
         update.sensitivity = sensitivity->data_ptr<float>();
       }
-      at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-        for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-          compact_backward_blocks<value_t, coef_t, kWithSensitivity>(
-              grad_ptr, code_ptr, offsets_ptr, a_ptr, grad_free_ptr,
-              partials.data() + chunk * num_modes, update, num_modes, n, free_count,
-              chunk * kBlocksPerChunk, std::min(blocks, (chunk + 1) * kBlocksPerChunk));
+      auto run = [&](const auto& source) {
+        at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+          for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+            compact_backward_blocks<value_t, coef_t, kWithSensitivity>(
+                source, code_ptr, offsets_ptr, a_ptr, grad_free_ptr,
+                partials.data() + chunk * num_modes, update, num_modes, n, free_count,
+                chunk * kBlocksPerChunk, std::min(blocks, (chunk + 1) * kBlocksPerChunk));
+          }
+        });
+      };
+      if (input.grad != nullptr) {
+        run(FlatGradient<value_t>{input.grad->data_ptr<value_t>()});
+      } else {
+        PieceGradients<value_t> source;
+        int64_t start = 0;
+        for (size_t k = 0; k < input.pieces->size(); ++k) {
+          const at::Tensor& piece = (*input.pieces)[k];
+          const bool given = piece.defined() && piece.numel() > 0;
+          source.pieces.push_back(given ? piece.data_ptr<value_t>() : nullptr);
+          source.starts.push_back(start);
+          start += (*input.sizes)[k];
         }
-      });
+        source.starts.push_back(start);
+        run(source);
+      }
     });
   });
   return {grad_free, sum_partials(partials, num_chunks, refs)};
@@ -768,8 +854,8 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward(const at::Tensor
                                                                 const at::Tensor& offsets,
                                                                 const at::Tensor& a,
                                                                 const at::Tensor& refs) {
-  return reconstruct_compact_backward_impl<false>(grad, code, offsets, a, refs, nullptr, nullptr,
-                                                  0.0, false);
+  return reconstruct_compact_backward_impl<false>(GradientInput{&grad}, code, offsets, a, refs,
+                                                  nullptr, nullptr, 0.0, false);
 }
 
 // reconstruct_compact_backward, and in the same pass sensitivity = decay * sensitivity +
@@ -778,8 +864,28 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_sensitivity_(
     const at::Tensor& grad, const at::Tensor& free_values, const at::Tensor& code,
     const at::Tensor& offsets, const at::Tensor& a, const at::Tensor& refs, at::Tensor sensitivity,
     double decay, bool fisher) {
-  return reconstruct_compact_backward_impl<true>(grad, code, offsets, a, refs, &free_values,
-                                                 &sensitivity, decay, fisher);
+  return reconstruct_compact_backward_impl<true>(GradientInput{&grad}, code, offsets, a, refs,
+                                                 &free_values, &sensitivity, decay, fisher);
+}
+
+// The two backwards above from the layers' gradients (`pieces`, sizes elements each, in the flat
+// axis's order; an empty tensor for a layer that got none) read in place, instead of one flat
+// gradient: the flat weight's views need no concatenation of their gradients first.
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_pieces(
+    const std::vector<at::Tensor>& pieces, const std::vector<int64_t>& sizes,
+    const at::Tensor& code, const at::Tensor& offsets, const at::Tensor& a, const at::Tensor& refs) {
+  return reconstruct_compact_backward_impl<false>(GradientInput{nullptr, &pieces, &sizes}, code,
+                                                  offsets, a, refs, nullptr, nullptr, 0.0, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_pieces_sensitivity_(
+    const std::vector<at::Tensor>& pieces, const std::vector<int64_t>& sizes,
+    const at::Tensor& free_values, const at::Tensor& code, const at::Tensor& offsets,
+    const at::Tensor& a, const at::Tensor& refs, at::Tensor sensitivity, double decay,
+    bool fisher) {
+  return reconstruct_compact_backward_impl<true>(GradientInput{nullptr, &pieces, &sizes}, code,
+                                                 offsets, a, refs, &free_values, &sensitivity,
+                                                 decay, fisher);
 }
 
 }  // namespace
@@ -801,4 +907,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(dL/dfree_values, dL/drefs) from dL/dw, compact layout");
   m.def("reconstruct_compact_backward_sensitivity_", &reconstruct_compact_backward_sensitivity_,
         "reconstruct_compact_backward, and the sensitivity's running mean at the FREE elements");
+  m.def("reconstruct_compact_backward_pieces", &reconstruct_compact_backward_pieces,
+        "reconstruct_compact_backward from the layers' gradients, read in place");
+  m.def("reconstruct_compact_backward_pieces_sensitivity_",
+        &reconstruct_compact_backward_pieces_sensitivity_,
+        "reconstruct_compact_backward_sensitivity_ from the layers' gradients, read in place");
 }

@@ -20,6 +20,7 @@ from .compact import (
     pack,
     reconstruct_compact,
     reconstruct_compact_backward_sensitivity_,
+    reconstruct_compact_pieces,
     reconstruct_compact_sma_,
     unpack,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "reconstruct",
     "reconstruct_compact",
     "reconstruct_compact_backward_sensitivity_",
+    "reconstruct_compact_pieces",
     "reconstruct_compact_sma_",
     "reconstruct_sma_",
     "record_calls",

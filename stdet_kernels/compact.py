@@ -17,6 +17,10 @@ Same contract as `stdet_kernels.reconstruct`: float32 arithmetic, gradients to `
 The backward can also update STDET's sensitivity estimate in the same pass over memory: given a
 ``sensitivity`` (float32, one entry per FREE element, in free_values' order), the forward saves it and
 its backward runs `reconstruct_compact_backward_sensitivity_` instead of the plain backward.
+
+`reconstruct_compact_pieces` returns the same weight as views of pieces of given sizes (a model's
+layers, laid end to end), and its backward reads the pieces' gradients where autograd left them:
+one pass over memory, where a flat gradient would first be a concatenation of them.
 """
 
 import math
@@ -34,6 +38,7 @@ from .ops import (
     _check_tensor,
     check_code_modes,
     run_kernel,
+    select,
 )
 from .reference import COMPACT_BLOCK, compact_offsets, pack, unpack
 
@@ -43,6 +48,7 @@ __all__ = [
     "pack",
     "reconstruct_compact",
     "reconstruct_compact_backward_sensitivity_",
+    "reconstruct_compact_pieces",
     "reconstruct_compact_sma_",
     "unpack",
 ]
@@ -248,6 +254,113 @@ def _backward(ctx, grad: Tensor):
 _reconstruct_compact_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _pieces_kernel(op: str, device: torch.device, pieces: list[Tensor], sizes: list[int], *rest):
+    """Run a backward kernel on the pieces' gradients: in place where the backend reads pieces (C++,
+    the reference), else on their concatenation (an empty piece of nonzero size reads as zeros)."""
+    kernel = select(device, op)
+    pieces = [p.contiguous() for p in pieces]
+    return kernel(pieces, list(sizes), *(t.contiguous() if isinstance(t, Tensor) else t for t in rest))
+
+
+@torch.library.custom_op("stdet::reconstruct_compact_backward_pieces", mutates_args=())
+def _reconstruct_compact_backward_pieces_op(
+    pieces: list[Tensor], sizes: list[int], code: Tensor, offsets: Tensor, a: Tensor, refs: Tensor
+) -> tuple[Tensor, Tensor]:
+    return _pieces_kernel(
+        "reconstruct_compact_backward_pieces", code.device, pieces, sizes, code, offsets, a, refs
+    )
+
+
+@_reconstruct_compact_backward_pieces_op.register_fake
+def _(pieces, sizes, code, offsets, a, refs):
+    dtype = next(p.dtype for p in pieces if p.numel())
+    return code.new_empty(code.numel() - a.numel(), dtype=dtype), refs.new_empty(refs.shape)
+
+
+@torch.library.custom_op(
+    "stdet::reconstruct_compact_backward_pieces_sensitivity_", mutates_args=("sensitivity",)
+)
+def _reconstruct_compact_backward_pieces_sensitivity_op(
+    pieces: list[Tensor],
+    sizes: list[int],
+    free_values: Tensor,
+    code: Tensor,
+    offsets: Tensor,
+    a: Tensor,
+    refs: Tensor,
+    sensitivity: Tensor,
+    decay: float,
+    measure: str,
+) -> tuple[Tensor, Tensor]:
+    check_code_modes(code, refs.numel())
+    _check_layout(code, offsets, free_values.numel())
+    op = "reconstruct_compact_backward_pieces_sensitivity_"
+    tensors = (free_values, code, offsets, a, refs)
+    return _pieces_kernel(op, code.device, pieces, sizes, *tensors, sensitivity, decay, measure == "fisher")
+
+
+@_reconstruct_compact_backward_pieces_sensitivity_op.register_fake
+def _(pieces, sizes, free_values, code, offsets, a, refs, sensitivity, decay, measure):
+    return free_values.new_empty(free_values.shape), refs.new_empty(refs.shape)
+
+
+class _ReconstructCompactPieces(torch.autograd.Function):
+    """The fused forward (with the SMA update when an average is given) split into views, and the
+    backward from the views' gradients in place."""
+
+    @staticmethod
+    def forward(ctx, free_values, code, offsets, a, b, refs, sizes, sma, alpha, sensitivity, decay,
+                measure, reference_index):  # fmt: skip
+        ctx.set_materialize_grads(False)  # a view with no gradient reads as zeros, not a zero tensor
+        _save_for_backward(ctx, free_values, code, offsets, a, refs, sensitivity, decay, measure)
+        ctx.sizes, ctx.reference_index, ctx.refs_dtype = sizes, reference_index, refs.dtype
+        ctx.dtype = free_values.dtype
+        if sma is None:
+            flat = _reconstruct_compact_op(free_values, code, offsets, a, b, refs)
+        else:
+            flat = _reconstruct_compact_sma_op(free_values, code, offsets, a, b, refs, sma, alpha)
+        return tuple(flat.split_with_sizes(sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        code, offsets, a, refs, *free_values = ctx.saved_tensors
+        sizes = ctx.sizes
+        given = next((g for g in grads if g is not None and g.numel()), None)
+        if given is None:  # only views of no elements got gradients: the flat gradient is zeros
+            pieces, sizes = [code.new_zeros(code.numel(), dtype=ctx.dtype)], [code.numel()]
+        else:
+            empty = given.new_empty(0)
+            pieces = [empty if g is None else g.reshape(-1) for g in grads]
+        if ctx.sensitivity is None:
+            grad_free, grad_refs = _reconstruct_compact_backward_pieces_op(
+                pieces, sizes, code, offsets, a, refs
+            )
+        else:
+            grad_free, grad_refs = _reconstruct_compact_backward_pieces_sensitivity_op(
+                pieces, sizes, free_values[0], code, offsets, a, refs, ctx.sensitivity, ctx.decay,
+                ctx.measure,
+            )  # fmt: skip
+        if ctx.reference_index is not None:
+            grad_refs = _elements_of(grads, ctx.sizes, ctx.reference_index).to(ctx.refs_dtype)
+        return grad_free, None, None, None, None, grad_refs, None, None, None, None, None, None, None
+
+
+def _elements_of(grads: tuple[Tensor | None, ...], sizes: list[int], index: Tensor) -> Tensor:
+    """The flat gradient at elements `index`, read from the pieces' gradients (0 where none)."""
+    like = next((g for g in grads if g is not None), None)
+    if like is None:
+        return index.new_zeros(index.shape, dtype=torch.float32)
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    values = []
+    for element in index.tolist():
+        piece = next(k for k in range(len(sizes)) if element < starts[k + 1])
+        g = grads[piece]
+        values.append(like.new_zeros(()) if g is None else g.reshape(-1)[element - starts[piece]])
+    return torch.stack(values) if values else like.new_zeros(0)
+
+
 @torch.library.custom_op("stdet::reconstruct_compact_sma_", mutates_args=("sma",))
 def _reconstruct_compact_sma_op(
     free_values: Tensor,
@@ -341,6 +454,66 @@ def reconstruct_compact_sma_(
             free_values, code, offsets, a, b, refs, sma, alpha, sensitivity, decay, measure
         )
     return _reconstruct_compact_sma_op(free_values, code, offsets, a, b, refs, sma, alpha)
+
+
+def reconstruct_compact_pieces(
+    free_values: Tensor,
+    code: Tensor,
+    offsets: Tensor,
+    a: Tensor,
+    b: Tensor,
+    refs: Tensor,
+    sizes: list[int],
+    *,
+    sma: Tensor | None = None,
+    alpha: float = 1.0,
+    sensitivity: Tensor | None = None,
+    decay: float = DEFAULT_DECAY,
+    measure: str = DEFAULT_MEASURE,
+    reference_index: Tensor | None = None,
+) -> tuple[Tensor, ...]:
+    """`reconstruct_compact` (`reconstruct_compact_sma_` when `sma` is given) as the 1-D views of
+    consecutive pieces of `sizes` elements: a model's layers laid end to end.
+
+    The backward reads the views' gradients in place (C++; the other backends concatenate them
+    first), so a model's layers cost one pass over their gradients, not a concatenation and then a
+    pass. With `reference_index` (flat element per mode: METHOD.md's ``ref_grad="own"``) each mode's
+    reference gets that element's gradient instead of its mode's whole gradient. `sensitivity`,
+    `decay`, `measure` as in `reconstruct_compact`.
+    """
+    _check_args(free_values, code, offsets, a, b, refs)
+    sizes = [int(size) for size in sizes]
+    if any(size < 0 for size in sizes) or sum(sizes) != code.numel():
+        raise ValueError(f"sizes: expected sizes of no less than 0 adding up to {code.numel()}, got {sizes}")
+    if sma is not None:
+        _check_tensor("sma", sma)
+        if sma.shape != code.shape or sma.dtype != free_values.dtype or sma.device != code.device:
+            raise ValueError(
+                f"sma: expected shape {tuple(code.shape)}, dtype {free_values.dtype} and device "
+                f"{code.device}, got {tuple(sma.shape)}, {sma.dtype}, {sma.device}"
+            )
+        alpha = _check_alpha(alpha)
+    if sensitivity is not None:
+        decay = _check_sensitivity(sensitivity, free_values, decay, measure)
+    if reference_index is not None:
+        _check_tensor("reference_index", reference_index)
+        if reference_index.dtype != torch.int64 or reference_index.numel() != refs.numel():
+            raise ValueError(
+                f"reference_index: expected {refs.numel()} int64 flat indices (one per mode), got "
+                f"{reference_index.numel()} of {reference_index.dtype}"
+            )
+    check_code_modes(code, refs.numel())
+    _check_layout(code, offsets, free_values.numel())
+    if not (torch.is_grad_enabled() and (free_values.requires_grad or refs.requires_grad)):
+        if sma is None:
+            flat = _reconstruct_compact_op(free_values, code, offsets, a, b, refs)
+        else:
+            flat = _reconstruct_compact_sma_op(free_values, code, offsets, a, b, refs, sma, alpha)
+        return tuple(flat.split_with_sizes(sizes))
+    return _ReconstructCompactPieces.apply(
+        free_values, code, offsets, a, b, refs, sizes, sma, alpha, sensitivity, decay, measure,
+        reference_index,
+    )  # fmt: skip
 
 
 def reconstruct_compact_backward_sensitivity_(

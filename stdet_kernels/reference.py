@@ -204,3 +204,25 @@ def reconstruct_compact_backward_sensitivity_(
     complement = torch.tensor(1.0 - decay, dtype=torch.float32, device=sensitivity.device)
     sensitivity.copy_(keep * sensitivity + complement * score)
     return grad_free, grad_refs
+
+
+def concatenated(pieces: list[torch.Tensor], sizes: list[int], shape) -> torch.Tensor:
+    """The pieces' gradients laid end to end in `shape` (an empty piece of nonzero size: zeros)."""
+    like = next(p for p in pieces if p.numel())
+    parts = [p if p.numel() == size else like.new_zeros(size) for p, size in zip(pieces, sizes, strict=True)]
+    return torch.cat(parts).view(shape)
+
+
+def reconstruct_compact_backward_pieces(pieces, sizes, code, offsets, a, refs):
+    """`reconstruct_compact_backward` of the pieces' gradients laid end to end."""
+    return reconstruct_compact_backward(concatenated(pieces, sizes, code.shape), code, offsets, a, refs)
+
+
+def reconstruct_compact_backward_pieces_sensitivity_(
+    pieces, sizes, free_values, code, offsets, a, refs, sensitivity, decay: float, fisher: bool
+):
+    """`reconstruct_compact_backward_sensitivity_` of the pieces' gradients laid end to end."""
+    grad = concatenated(pieces, sizes, code.shape)
+    return reconstruct_compact_backward_sensitivity_(
+        grad, free_values, code, offsets, a, refs, sensitivity, decay, fisher
+    )
