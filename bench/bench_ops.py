@@ -1,11 +1,13 @@
-"""Microbenchmarks of the ops (pytest-benchmark): reconstruct forward, backward, reconstruct_sma_, and
-the compact layout's backward fused with the sensitivity update (compact_backward_sensitivity_).
+"""Microbenchmarks of the ops (pytest-benchmark): reconstruct forward, backward, reconstruct_sma_, the
+compact layout's backward fused with the sensitivity update (compact_backward_sensitivity_), and the
+same from the layers' gradients read in place (compact_backward_pieces_sensitivity_: 16 pieces).
 
 Providers: ``cpp`` (the C++ backend through the public API), ``torch`` (the eager reference),
 ``torch_compile`` (torch.compile of the reference) and ``copy`` (``dst.copy_(src)`` moving the same
 number of bytes: the memory-bandwidth ceiling, measured in the same run); for the fused backward also
 ``cpp_unfused`` (the C++ compact backward, then the sensitivity updated by eager PyTorch: what it
-replaces). Inputs: float32, 10 modes, 50% FREE, the rest embedded. Bytes are each op's minimum
+replaces; for the pieces, the copy of the pieces into one flat buffer, then the flat fused
+backward). Inputs: float32, 10 modes, 50% FREE, the rest embedded. Bytes are each op's minimum
 traffic: every input read once, every output written once. Run through ``make bench``
 (bench/run_bench.py), which also writes the table.
 """
@@ -20,7 +22,14 @@ import stdet_kernels
 from stdet_kernels import FREE, reference
 
 SIZES = (10**5, 10**6, 10**7)
-OPS = ("forward", "backward", "reconstruct_sma_", "compact_backward_sensitivity_")
+OPS = (
+    "forward",
+    "backward",
+    "reconstruct_sma_",
+    "compact_backward_sensitivity_",
+    "compact_backward_pieces_sensitivity_",
+)
+PIECES = 16
 PROVIDERS = ("cpp", "cpp_unfused", "torch", "torch_compile", "copy")
 # float32 value/a/b/grad/sma/w are 4 bytes, code is 1.
 BYTES_PER_ELEMENT = {
@@ -30,6 +39,7 @@ BYTES_PER_ELEMENT = {
     # read grad, code, a (half the elements), free_values and sensitivity (the other half); write
     # dL/dfree_values and sensitivity (the FREE half)
     "compact_backward_sensitivity_": 4 + 1 + (4 + 4 + 4 + 4 + 4) // 2,
+    "compact_backward_pieces_sensitivity_": 4 + 1 + (4 + 4 + 4 + 4 + 4) // 2,
 }
 ROUNDS = {10**5: 200, 10**6: 40, 10**7: 20}
 NUM_MODES = 10
@@ -78,6 +88,26 @@ def _operation(op: str, provider: str, x: dict[str, torch.Tensor]):
         source = torch.empty(x["value"].numel() * BYTES_PER_ELEMENT[op] // 2, dtype=torch.uint8)
         target = torch.empty_like(source)
         return lambda: target.copy_(source)
+    if op == "compact_backward_pieces_sensitivity_":
+        grad, *layout = _compact(x)
+        n = grad.numel()
+        sizes = [n // PIECES + (k < n % PIECES) for k in range(PIECES)]
+        pieces = [piece.clone() for piece in grad.split_with_sizes(sizes)]
+        if provider == "cpp":
+            name = "reconstruct_compact_backward_pieces_sensitivity_"
+            return lambda: getattr(torch.ops.stdet, name)(pieces, sizes, *layout, 0.9, "taylor")
+        if provider == "cpp_unfused":
+            flat = torch.empty_like(grad)
+            views = list(flat.split_with_sizes(sizes))
+
+            def gather_then_backward():
+                torch._foreach_copy_(views, pieces)
+                return stdet_kernels.reconstruct_compact_backward_sensitivity_(flat, *layout, 0.9, "taylor")
+
+            return gather_then_backward
+        name = "reconstruct_compact_backward_pieces_sensitivity_"
+        function = getattr(reference, name) if provider == "torch" else _compiled_reference(name)
+        return lambda: function(pieces, sizes, *layout, 0.9, False)
     if op == "compact_backward_sensitivity_":
         compact = _compact(x)
         if provider == "cpp":
@@ -88,7 +118,7 @@ def _operation(op: str, provider: str, x: dict[str, torch.Tensor]):
         function = getattr(reference, name) if provider == "torch" else _compiled_reference(name)
         return lambda: function(*compact, 0.9, False)
     if provider == "cpp_unfused":
-        pytest.skip("cpp_unfused: only for compact_backward_sensitivity_")
+        pytest.skip("cpp_unfused: only for the fused backwards")
     if provider == "cpp":
         if op == "forward":
             return lambda: stdet_kernels.reconstruct(*args)

@@ -1,7 +1,7 @@
 """What one training step costs: plain training against STDET waiting for a plateau (the default
 ``start="plateau"`` before the loss flattens: the model not yet attached), all FREE (right after
-attaching) and at 50%, 80% and 90% embedded, on two model sizes, timed phase by phase with the cases
-interleaved.
+attaching), at 50%, 80% and 90% embedded, and released after the lr drop, on two model sizes, timed
+phase by phase with the cases interleaved.
 
 A step is what `stdet train` does: zero the gradients, forward and RD loss, backward, Adam on the
 network and the aux loss with its Adam, then `STDET.step(loss)`. On this shared machine timings drift
@@ -41,6 +41,10 @@ STATES = {
     "80% embedded": (0.8, True),
     "80% embedded, not tracking": (0.8, False),
     "90% embedded": (0.9, True),
+    # With release=True (not the default), after the lr drop (the LIC schedule's last 10-15%): 80%
+    # embedded, then everything released to FREE; no refit, no tracking, the weights are views of
+    # free_values.
+    "released after the lr drop": ("released", False),
 }
 REFIT_INTERVAL = 10
 PHASES = ("forward", "backward", "optimizer", "stdet")
@@ -77,6 +81,8 @@ class Case:
         self.x = RandomCrops(bundled_images("train"), SIZE, seed=0).batch(0, batch).to(device)
         self.st = None
         target, tracking = STATES[state]
+        released = target == "released"
+        target = 0.8 if released else target
         if target == "waiting":
             config = stdet.STDETConfig(warmup_steps=2, snapshots=2, start="plateau", plateau_tolerance=0.0)
             self.st = stdet.STDET(self.model, self.optimizer, config, probe=self.probe)
@@ -84,13 +90,18 @@ class Case:
             config = stdet.STDETConfig(
                 warmup_steps=2, snapshots=2, embed_every=1 if target > 0 else 10**9, embed_rate=1.0,
                 max_embedded=max(target, 1e-9), protect=0.0, min_r2=0.0, max_drift=1e9, safety_window=1,
-                start="warmup",
+                start="warmup", release=released,
             )  # fmt: skip
             self.st = stdet.STDET(self.model, self.optimizer, config)
         for _ in range(4):  # warm-up, fit, attach and (50% and up) the round that embeds the target
             self.step({})
         if target == "waiting":  # warm-up over, no plateau (tolerance 0): a snapshot and a probe per refit
             assert self.st.phase == "waiting", self.st.phase
+        elif released:  # a 10x lr drop: the next STDET.step releases
+            for group in self.optimizer.param_groups:
+                group["lr"] *= 0.1
+            self.step({})
+            assert self.st.phase == "released" and self.st.embedded_fraction() == 0.0, self.st.phase
         if self.st is not None:
             self.st.config.embed_every = 10**9
             self.st.snapshot_interval = REFIT_INTERVAL

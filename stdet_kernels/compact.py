@@ -304,6 +304,18 @@ def _(pieces, sizes, free_values, code, offsets, a, refs, sensitivity, decay, me
     return free_values.new_empty(free_values.shape), refs.new_empty(refs.shape)
 
 
+def _pieces_forward(free_values, code, offsets, a, b, refs, sizes, sma, alpha) -> tuple[Tensor, ...]:
+    """The pieces of the weight. With every element FREE and no SMA update due (a layout after
+    STDET released it), the weight is free_values itself: views of it, no pass over memory."""
+    if sma is None and free_values.numel() == code.numel():
+        return tuple(free_values.split_with_sizes(sizes))
+    if sma is None:
+        flat = _reconstruct_compact_op(free_values, code, offsets, a, b, refs)
+    else:
+        flat = _reconstruct_compact_sma_op(free_values, code, offsets, a, b, refs, sma, alpha)
+    return tuple(flat.split_with_sizes(sizes))
+
+
 class _ReconstructCompactPieces(torch.autograd.Function):
     """The fused forward (with the SMA update when an average is given) split into views, and the
     backward from the views' gradients in place."""
@@ -315,11 +327,7 @@ class _ReconstructCompactPieces(torch.autograd.Function):
         _save_for_backward(ctx, free_values, code, offsets, a, refs, sensitivity, decay, measure)
         ctx.sizes, ctx.reference_index, ctx.refs_dtype = sizes, reference_index, refs.dtype
         ctx.dtype = free_values.dtype
-        if sma is None:
-            flat = _reconstruct_compact_op(free_values, code, offsets, a, b, refs)
-        else:
-            flat = _reconstruct_compact_sma_op(free_values, code, offsets, a, b, refs, sma, alpha)
-        return tuple(flat.split_with_sizes(sizes))
+        return _pieces_forward(free_values, code, offsets, a, b, refs, sizes, sma, alpha)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -505,11 +513,7 @@ def reconstruct_compact_pieces(
     check_code_modes(code, refs.numel())
     _check_layout(code, offsets, free_values.numel())
     if not (torch.is_grad_enabled() and (free_values.requires_grad or refs.requires_grad)):
-        if sma is None:
-            flat = _reconstruct_compact_op(free_values, code, offsets, a, b, refs)
-        else:
-            flat = _reconstruct_compact_sma_op(free_values, code, offsets, a, b, refs, sma, alpha)
-        return tuple(flat.split_with_sizes(sizes))
+        return _pieces_forward(free_values, code, offsets, a, b, refs, sizes, sma, alpha)
     return _ReconstructCompactPieces.apply(
         free_values, code, offsets, a, b, refs, sizes, sma, alpha, sensitivity, decay, measure,
         reference_index,

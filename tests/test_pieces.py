@@ -195,3 +195,22 @@ def test_bad_arguments_are_rejected(argument, replacement, error, message) -> No
         options["alpha"] = 0.5
     with pytest.raises(error, match=message):
         stdet_kernels.reconstruct_compact_pieces(*compact, **options)
+
+
+def test_all_free_views_are_free_values_itself() -> None:
+    """Every element FREE (a released layout): no forward kernel, the views share free_values'
+    memory, and the backward is the gradient's copy (with the sensitivity update)."""
+    compact, sizes, grads, sensitivity = _problem((4097, "all_free", 10, F32, F32))
+    free_values = compact[0].clone().requires_grad_()
+    with stdet_kernels.record_calls() as calls:
+        views = stdet_kernels.reconstruct_compact_pieces(
+            free_values, *compact[1:], sizes, sensitivity=sensitivity.clone()
+        )
+        used = [(v, g) for v, g in zip(views, grads, strict=True) if g is not None]
+        torch.autograd.backward([v for v, _ in used], [g for _, g in used])
+    assert [op for op, _ in calls] == ["reconstruct_compact_backward_pieces_sensitivity_"]
+    start = free_values.data_ptr()
+    for view, offset in zip(views, itertools.accumulate([0, *sizes[:-1]]), strict=True):
+        assert view.untyped_storage().data_ptr() == free_values.untyped_storage().data_ptr()
+        assert view.numel() == 0 or view.data_ptr() == start + 4 * offset
+    assert torch.equal(free_values.grad, _flat(grads, sizes, compact[0]))
