@@ -254,12 +254,22 @@ def _backward(ctx, grad: Tensor):
 _reconstruct_compact_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _pieces_kernel(op: str, device: torch.device, pieces: list[Tensor], sizes: list[int], *rest):
-    """Run a backward kernel on the pieces' gradients: in place where the backend reads pieces (C++,
-    the reference), else on their concatenation (an empty piece of nonzero size reads as zeros)."""
+def _pieces_kernel(
+    op: str, device: torch.device, pieces: list[Tensor], sizes: list[int], tensors, updated=None, *scalars
+):
+    """Run a backward kernel on the pieces' gradients (an empty piece of nonzero size reads as zeros)
+    and contiguous `tensors`, then ``updated`` (written in place, copied back if it had to be made
+    contiguous, as `run_kernel` does) and `scalars`."""
     kernel = select(device, op)
     pieces = [p.contiguous() for p in pieces]
-    return kernel(pieces, list(sizes), *(t.contiguous() if isinstance(t, Tensor) else t for t in rest))
+    contiguous = tuple(t.contiguous() for t in tensors)
+    if updated is None:
+        return kernel(pieces, list(sizes), *contiguous, *scalars)
+    updated_contiguous = updated.contiguous()
+    result = kernel(pieces, list(sizes), *contiguous, updated_contiguous, *scalars)
+    if updated_contiguous is not updated:
+        updated.copy_(updated_contiguous)
+    return result
 
 
 @torch.library.custom_op("stdet::reconstruct_compact_backward_pieces", mutates_args=())
@@ -267,7 +277,7 @@ def _reconstruct_compact_backward_pieces_op(
     pieces: list[Tensor], sizes: list[int], code: Tensor, offsets: Tensor, a: Tensor, refs: Tensor
 ) -> tuple[Tensor, Tensor]:
     return _pieces_kernel(
-        "reconstruct_compact_backward_pieces", code.device, pieces, sizes, code, offsets, a, refs
+        "reconstruct_compact_backward_pieces", code.device, pieces, sizes, (code, offsets, a, refs)
     )
 
 
@@ -296,7 +306,7 @@ def _reconstruct_compact_backward_pieces_sensitivity_op(
     _check_layout(code, offsets, free_values.numel())
     op = "reconstruct_compact_backward_pieces_sensitivity_"
     tensors = (free_values, code, offsets, a, refs)
-    return _pieces_kernel(op, code.device, pieces, sizes, *tensors, sensitivity, decay, measure == "fisher")
+    return _pieces_kernel(op, code.device, pieces, sizes, tensors, sensitivity, decay, measure == "fisher")
 
 
 @_reconstruct_compact_backward_pieces_sensitivity_op.register_fake
@@ -354,19 +364,21 @@ class _ReconstructCompactPieces(torch.autograd.Function):
 
 
 def _elements_of(grads: tuple[Tensor | None, ...], sizes: list[int], index: Tensor) -> Tensor:
-    """The flat gradient at elements `index`, read from the pieces' gradients (0 where none)."""
+    """The flat gradient at elements `index` (each in range), read from the pieces' gradients (0
+    where a piece got none): per piece, a gather of the indices inside it; no host sync."""
     like = next((g for g in grads if g is not None), None)
     if like is None:
         return index.new_zeros(index.shape, dtype=torch.float32)
-    starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + size)
-    values = []
-    for element in index.tolist():
-        piece = next(k for k in range(len(sizes)) if element < starts[k + 1])
-        g = grads[piece]
-        values.append(like.new_zeros(()) if g is None else g.reshape(-1)[element - starts[piece]])
-    return torch.stack(values) if values else like.new_zeros(0)
+    result = like.new_zeros(index.shape, dtype=torch.float32)
+    start = 0
+    for g, size in zip(grads, sizes, strict=True):
+        if g is not None and size > 0:
+            local = index - start
+            inside = (local >= 0) & (local < size)
+            values = g.reshape(-1)[local.clamp(0, size - 1)].float()
+            result = torch.where(inside, values, result)
+        start += size
+    return result
 
 
 @torch.library.custom_op("stdet::reconstruct_compact_sma_", mutates_args=("sma",))
@@ -505,13 +517,20 @@ def reconstruct_compact_pieces(
         decay = _check_sensitivity(sensitivity, free_values, decay, measure)
     if reference_index is not None:
         _check_tensor("reference_index", reference_index)
-        if reference_index.dtype != torch.int64 or reference_index.numel() != refs.numel():
+        if reference_index.dtype != torch.int64 or reference_index.shape != (refs.numel(),):
             raise ValueError(
                 f"reference_index: expected {refs.numel()} int64 flat indices (one per mode), got "
-                f"{reference_index.numel()} of {reference_index.dtype}"
+                f"shape {tuple(reference_index.shape)} of {reference_index.dtype}"
             )
-    check_code_modes(code, refs.numel())
-    _check_layout(code, offsets, free_values.numel())
+        if not torch.compiler.is_compiling() and reference_index.numel():
+            low, high = int(reference_index.min()), int(reference_index.max())
+            if low < 0 or high >= code.numel():
+                raise ValueError(
+                    f"reference_index: expected indices in [0, {code.numel()}), got {low}..{high}"
+                )
+    if not torch.compiler.is_compiling():  # (the ops check again, where they run; cached: no cost)
+        check_code_modes(code, refs.numel())
+        _check_layout(code, offsets, free_values.numel())
     if not (torch.is_grad_enabled() and (free_values.requires_grad or refs.requires_grad)):
         return _pieces_forward(free_values, code, offsets, a, b, refs, sizes, sma, alpha)
     return _ReconstructCompactPieces.apply(

@@ -72,6 +72,28 @@ def test_masked_convolution_keeps_its_causal_mask() -> None:
     assert torch.all(out[..., 2, 3:] != 0) and torch.all(out[..., 3, 1:4] != 0)
 
 
+def test_a_released_masked_convolution_keeps_its_causal_mask() -> None:
+    """Releasing every element (STDET's ``release=True`` at the lr drop) keeps the masked-out
+    elements DUMMY at 0: the layer's own masking writes a weight that is not its parameter."""
+    torch.manual_seed(0)
+    model = JointAutoregressiveHierarchicalPriors(N=8, M=12)
+    layout = attach(model)
+    masked = model.context_prediction
+    optimizer = torch.optim.SGD([layout.free_values, layout.refs], lr=1.0)
+    layout.release_all(optimizer)
+    x = torch.rand(1, 3, 64, 64)
+    for _ in range(2):
+        optimizer.zero_grad()
+        out = model(x)  # the rate term: the context model's gradient comes through the likelihoods
+        rate = -sum(torch.log(p).mean() for p in out["likelihoods"].values())
+        (out["x_hat"].square().mean() + rate).backward()
+        optimizer.step()
+    with torch.no_grad():
+        weight = masked.weight
+    assert torch.all(weight[masked.mask == 0] == 0) and bool((weight[masked.mask == 1] != 0).any())
+    assert layout.free_count == layout.numel - int((masked.mask == 0).sum())
+
+
 def test_default_set_skips_entropy_models_and_gdn() -> None:
     model = ScaleHyperprior(N=8, M=12)
     names = embeddable_parameters(model)

@@ -214,3 +214,40 @@ def test_all_free_views_are_free_values_itself() -> None:
         assert view.untyped_storage().data_ptr() == free_values.untyped_storage().data_ptr()
         assert view.numel() == 0 or view.data_ptr() == start + 4 * offset
     assert torch.equal(free_values.grad, _flat(grads, sizes, compact[0]))
+
+
+def test_a_strided_sensitivity_is_written_back() -> None:
+    compact, sizes, grads, _ = _problem((4097, "mixed", 10, F32, F32))
+    free_count = compact[0].numel()
+    strided = torch.ones(2 * free_count)[::2]
+    expected = torch.ones(free_count)
+    _run_pieces(Target("cpp", "cpu"), compact, sizes, grads, sensitivity=strided, decay=0.5)
+    _run_pieces(Target("cpp", "cpu"), compact, sizes, grads, sensitivity=expected, decay=0.5)
+    assert not torch.equal(expected, torch.ones(free_count)) and torch.equal(strided, expected)
+
+
+@pytest.mark.parametrize("mix", ["mixed", "all_free"])
+def test_compiles_with_fullgraph_and_matches_eager(mix: str) -> None:
+    compact, sizes, _, _ = _problem((4097, mix, 10, F32, F32))
+    weights = torch.linspace(-1, 1, len(sizes)).tolist()
+
+    def loss(free_values, refs):
+        views = stdet_kernels.reconstruct_compact_pieces(free_values, *compact[1:5], refs, sizes)
+        return sum(w * v.square().sum() for w, v in zip(weights, views, strict=True))
+
+    results = []
+    for function in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+        free_values, refs = compact[0].clone().requires_grad_(), compact[5].clone().requires_grad_()
+        value = function(free_values, refs)
+        value.backward()
+        results.append((value.detach(), free_values.grad, refs.grad))
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_index_out_of_range_is_rejected() -> None:
+    compact, sizes, _, _ = _problem((4097, "mixed", 10, F32, F32))
+    index = torch.arange(10)
+    index[3] = 4097
+    with pytest.raises(ValueError, match=r"^reference_index: expected indices in \[0, 4097\)"):
+        stdet_kernels.reconstruct_compact_pieces(*compact, sizes, reference_index=index)

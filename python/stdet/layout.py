@@ -60,6 +60,7 @@ class FlatLayout(nn.Module):
         self._views: tuple[Tensor, ...] | None = None  # during the model's forward
         self._cache: tuple[tuple, tuple[Tensor, ...]] | None = None  # outside it, gradients off
         self._generation = 0  # bumped by every edit
+        self._masks: list[Tensor | None] = [None] * len(self.names)  # masked layers' masks
         # ref_grad="own": each mode's reference element (flat index); the references then get only
         # their own elements' gradients. None: the full reparametrized gradient.
         self.register_buffer("own_reference_index", None, persistent=False)
@@ -78,10 +79,10 @@ class FlatLayout(nn.Module):
         """Take the layers' current `weights` (all FREE; a masked convolution's masked-out elements
         DUMMY with ``b = 0``) and `num_modes` zero references."""
         flat = torch.cat([w.detach().reshape(-1) for w in weights])
-        code = torch.full((self.numel,), FREE, dtype=torch.uint8, device=flat.device)
-        for piece, mask in zip(self._pieces(code), masks, strict=True):
-            if mask is not None:
-                piece[mask.reshape(-1) == 0] = DUMMY  # b = 0 there: the reconstruction is masked
+        # The layers' masks (the model's own buffers): their masked-out elements stay DUMMY with b = 0
+        # through every edit, releases included.
+        self._masks = list(masks)
+        code = self.unmasked_code(torch.full((self.numel,), FREE, dtype=torch.uint8, device=flat.device))
         zeros = torch.zeros_like(flat)
         values, offsets, a, b = stdet_kernels.pack(flat, code, zeros, zeros, coefficient_dtype or flat.dtype)
         self.register_buffer("code", code)
@@ -215,6 +216,15 @@ class FlatLayout(nn.Module):
             )
         }
 
+    def unmasked_code(self, code: Tensor) -> Tensor:
+        """`code` with every masked-out element of a masked layer (CompressAI's `MaskedConv2d`)
+        DUMMY, in place: with b = 0 there the reconstruction is masked, whatever the layer's forward
+        writes into its weight."""
+        for piece, mask in zip(self._pieces(code), self._masks, strict=True):
+            if mask is not None:
+                piece[mask.reshape(-1).to(piece.device) == 0] = DUMMY
+        return code
+
     def _pieces(self, flat: Tensor) -> tuple[Tensor, ...]:
         return flat.split_with_sizes(self.sizes)
 
@@ -263,7 +273,8 @@ class FlatLayout(nn.Module):
 
     @torch.no_grad()
     def release_all(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Every element becomes FREE with its current value. The newly FREE elements' per-element
+        """Every element becomes FREE with its current value, but the masked-out elements of a
+        masked layer, which stay DUMMY (0). The newly FREE elements' per-element
         optimizer state starts from its tensor's mean over the elements that were FREE (each tensor's
         typical second moment, rather than Adam's zero, whose first steps at a late step count are
         several times the lr in size); a tensor with none FREE takes the mean over all."""
@@ -275,10 +286,10 @@ class FlatLayout(nn.Module):
             if isinstance(tensor, Tensor) and tensor.dim() > 0 and tensor.numel() == self.free_count
         }
         value = self.weights().to(self.free_values.dtype)  # every element's current value
-        everything = torch.full_like(old_code, FREE)
+        released = self.unmasked_code(torch.full_like(old_code, FREE))
         zeros = torch.zeros_like(value)
-        self.repack(value, everything, zeros, zeros, optimizer)
-        newly_free = old_code != FREE
+        self.repack(value, released, zeros, zeros, optimizer)
+        newly_free = (old_code != FREE) & (released == FREE)
         for key, dense_mean in means.items():
             state[key][newly_free] = dense_mean[newly_free].to(state[key].dtype)
 
