@@ -427,6 +427,30 @@ def test_a_corrupt_image_among_good_ones_is_skipped_with_a_warning(tmp_path) -> 
     assert summary["steps"] == 2
 
 
+def test_probe_data_gives_the_probe_batch_from_held_out_photos(tmp_path) -> None:
+    """--probe-data: the probe batch (plateau test, SMA guard) is crops of those photos, not of the
+    training photos; the configuration without it is unchanged (older runs' caches still fit)."""
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 128, dtype=np.uint8)).save(folder / "gray.png")
+    default = Trainer(tiny(tmp_path / "a", sma_every=2))
+    held_out = Trainer(tiny(tmp_path / "b", sma_every=2, probe_data=str(folder)))
+    assert torch.all(held_out.probe_batch == 128 / 255)
+    assert held_out.probe_batch.shape == default.probe_batch.shape
+    assert not torch.all(default.probe_batch == default.probe_batch.flatten()[0])
+    assert not any(line.startswith("probe_data") for line in tiny(tmp_path / "c").to_toml().splitlines())
+    with pytest.raises(FileNotFoundError, match="^--probe-data: data: .* is not a directory"):
+        Trainer(tiny(tmp_path / "d", sma_every=2, probe_data=str(tmp_path / "missing")))
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(small / "small.png")
+    with (
+        pytest.warns(UserWarning, match="skipped 1 image"),
+        pytest.raises(ValueError, match="^--probe-data: "),
+    ):
+        Trainer(tiny(tmp_path / "e", sma_every=2, probe_data=str(small)))
+
+
 def test_the_cli_process_exits_without_a_traceback() -> None:
     finished = run_cli("train", "--arch", "nope", "--steps", "1")
     assert finished.returncode == 2

@@ -149,6 +149,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     add("--data", default=s, help="folder of PNG/JPEG training images (default: the bundled photos)")
     add("--eval-data", default=s, help="folder of PNG/JPEG eval images (default: the bundled photos)")
     add(
+        "--probe-data",
+        default=s,
+        help="folder of held-out PNG/JPEG images for the probe batch that STDET's plateau test and the "
+        "SMA guard judge on (default: training crops no batch uses)",
+    )
+    add(
         "--eval-every",
         type=int,
         default=s,

@@ -104,6 +104,10 @@ class TrainConfig:
     init: str | None = None  # start from this trained model (any checkpoint `stdet export` reads)
     data: str | None = None  # None: the bundled train photos
     eval_data: str | None = None  # None: the bundled eval photos
+    # The probe batch (STDET's plateau test and accelerations, the SMA guard) from this folder of
+    # held-out photos instead of training crops. None: training crops no batch uses (left out of
+    # run.toml, so older configurations read, and cache, the same).
+    probe_data: str | None = None
     eval_every: int = 100  # 0: evaluate only at the end
     # With shadow SMA each evaluation codes the average; True also codes the live weights (the eval
     # records' "live", the summary's "live_curve" and "live_final_eval"), so one run shows both.
@@ -249,6 +253,14 @@ class TrainConfig:
                 text = json.dumps(str(value))  # a JSON string is a valid TOML basic string
             lines.append(f"{key} = {text}")
         return "\n".join(lines) + "\n"
+
+
+def _probe_images(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The --probe-data photos (at least a crop's size), the error naming the flag."""
+    try:
+        return load_folder(config.probe_data, config.patch_size).images
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(f"--probe-data: {error}") from None
 
 
 def milestone_steps(config: TrainConfig) -> list[int]:
@@ -489,9 +501,10 @@ class Trainer:
         self.aux_optimizer = torch.optim.Adam(aux, lr=config.aux_lr) if aux else None
         self.stdet: STDET | None = None
         self.sma: SMA | None = None
-        # A batch of training crops of its own (a generator no training batch uses), drawn once: the
-        # probe of STDET's plateau test and accelerations, and of the SMA guard (recorded at every
-        # evaluation with a shadow average, the guard on or not).
+        # A batch of training crops of its own (a generator no training batch uses; with --probe-data,
+        # crops of those held-out photos), drawn once: the probe of STDET's plateau test and
+        # accelerations, and of the SMA guard (recorded at every evaluation with a shadow average,
+        # the guard on or not).
         self.probe_batch: torch.Tensor | None = None
         shadow = config.sma_every > 0 and config.sma_mode == "shadow"
         stdet_config = config.stdet_config() if config.method == "stdet" else None
@@ -499,7 +512,8 @@ class Trainer:
             stdet_config.accelerate_every or stdet_config.start == "plateau"
         )
         if probing or shadow:
-            probe_crops = RandomCrops(train_images, config.patch_size, config.seed + PROBE_SEED_OFFSET)
+            probe_images = train_images if config.probe_data is None else _probe_images(config)
+            probe_crops = RandomCrops(probe_images, config.patch_size, config.seed + PROBE_SEED_OFFSET)
             self.probe_batch = probe_crops.batch(0, config.batch_size).to(self.device)
         if stdet_config is not None:
             probe = self.probe_loss if probing else None
