@@ -153,6 +153,17 @@ def _check_sensitivity(sensitivity: object, free_values: Tensor, decay: object, 
     return _check_decay(decay)
 
 
+def _check_average(sma: object, alpha: object, free_values: Tensor, code: Tensor) -> float:
+    """The SMA average (dense: code's shape, free_values' dtype, code's device); returns alpha."""
+    _check_tensor("sma", sma)
+    if sma.shape != code.shape or sma.dtype != free_values.dtype or sma.device != code.device:
+        raise ValueError(
+            f"sma: expected shape {tuple(code.shape)}, dtype {free_values.dtype} and device {code.device}, "
+            f"got {tuple(sma.shape)}, {sma.dtype}, {sma.device}"
+        )
+    return _check_alpha(alpha)
+
+
 @torch.library.custom_op("stdet::reconstruct_compact", mutates_args=())
 def _reconstruct_compact_op(
     free_values: Tensor,
@@ -460,13 +471,7 @@ def reconstruct_compact_sma_(
     """`reconstruct_compact`, and ``sma += alpha * (w - sma)`` in the same pass; ``sma`` is dense
     (code's shape, free_values' dtype). ``sensitivity, decay, measure`` as in `reconstruct_compact`."""
     _check_args(free_values, code, offsets, a, b, refs)
-    _check_tensor("sma", sma)
-    if sma.shape != code.shape or sma.dtype != free_values.dtype or sma.device != code.device:
-        raise ValueError(
-            f"sma: expected shape {tuple(code.shape)}, dtype {free_values.dtype} and device {code.device}, "
-            f"got {tuple(sma.shape)}, {sma.dtype}, {sma.device}"
-        )
-    alpha = _check_alpha(alpha)
+    alpha = _check_average(sma, alpha, free_values, code)
     if sensitivity is not None:
         decay = _check_sensitivity(sensitivity, free_values, decay, measure)
     if torch.is_grad_enabled() and (free_values.requires_grad or refs.requires_grad):
@@ -506,13 +511,7 @@ def reconstruct_compact_pieces(
     if any(size < 0 for size in sizes) or sum(sizes) != code.numel():
         raise ValueError(f"sizes: expected sizes of no less than 0 adding up to {code.numel()}, got {sizes}")
     if sma is not None:
-        _check_tensor("sma", sma)
-        if sma.shape != code.shape or sma.dtype != free_values.dtype or sma.device != code.device:
-            raise ValueError(
-                f"sma: expected shape {tuple(code.shape)}, dtype {free_values.dtype} and device "
-                f"{code.device}, got {tuple(sma.shape)}, {sma.dtype}, {sma.device}"
-            )
-        alpha = _check_alpha(alpha)
+        alpha = _check_average(sma, alpha, free_values, code)
     if sensitivity is not None:
         decay = _check_sensitivity(sensitivity, free_values, decay, measure)
     if reference_index is not None:

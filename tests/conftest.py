@@ -23,3 +23,13 @@ if _CODE_PATH and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
         tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{'_'.join(_CODE_PATH)}"
     )
+
+
+import pytest  # noqa: E402  (after TRITON_INTERPRET is chosen)
+from helpers import Target, require, targets  # noqa: E402
+
+
+@pytest.fixture(params=targets(), ids=str)
+def target(request) -> Target:
+    """Each backend and device the suite can run here (skipped where unavailable)."""
+    return require(request.param)

@@ -128,3 +128,10 @@ def require(target: Target) -> Target:
             f"backend {target.backend!r} unavailable on {target.device} (test_backends checks which must be)"
         )
     return target
+
+
+def compact_case_id(case) -> str:
+    """A test id for a (n, mix, modes, value dtype, coefficient dtype) case."""
+    n, mix, modes, dtype, coef = case
+    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    return f"{n}-{mix}-{modes}modes-{name(dtype)}-coef_{name(coef)}"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import MIXES, Target, assert_verbose_close, make_inputs, require, targets
+from helpers import MIXES, Target, assert_verbose_close, make_inputs, require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,11 +40,6 @@ def _id(case) -> str:
     n, mix, modes, dtype, coef, measure, decay = case
     name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
     return f"{n}-{mix}-{modes}modes-{name(dtype)}-coef_{name(coef)}-{measure}-decay{decay}"
-
-
-@pytest.fixture(params=targets(), ids=str)
-def target(request) -> Target:
-    return require(request.param)
 
 
 def _problem(n: int, mix: str, modes: int, dtype: torch.dtype, coef: torch.dtype, seed: int = 0):

@@ -4,7 +4,7 @@ coefficient dtypes."""
 
 import pytest
 import torch
-from helpers import MIXES, Target, assert_verbose_close, flash_tolerance, make_inputs, require, targets
+from helpers import MIXES, Target, assert_verbose_close, compact_case_id, flash_tolerance, make_inputs
 
 import stdet_kernels
 from stdet_kernels import COMPACT_BLOCK, FREE, reference
@@ -23,17 +23,6 @@ CASES = (
 )
 
 
-def _id(case) -> str:
-    n, mix, modes, dtype, coef = case
-    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
-    return f"{n}-{mix}-{modes}modes-{name(dtype)}-coef_{name(coef)}"
-
-
-@pytest.fixture(params=targets(), ids=str)
-def target(request) -> Target:
-    return require(request.param)
-
-
 def _layout(case):
     n, mix, modes, dtype, coef = case
     x = make_inputs(n, modes, mix, dtype, seed=n + modes)
@@ -49,7 +38,7 @@ def _expected(compact, upcast: bool):
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=compact_case_id)
 def test_forward_matches_reference(target: Target, case) -> None:
     x, compact = _layout(case)
     low, high = _expected(compact, upcast=False), _expected(compact, upcast=True)
@@ -65,7 +54,7 @@ def test_forward_matches_reference(target: Target, case) -> None:
         assert torch.equal(w, reference.reconstruct(value, x.code, dense_a, dense_b, x.refs))
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=compact_case_id)
 def test_backward_matches_reference(target: Target, case) -> None:
     _, compact = _layout(case)
     free_values, code, offsets, a, b, refs = compact
@@ -88,7 +77,7 @@ def test_backward_matches_reference(target: Target, case) -> None:
     )
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (1025, 4097)], ids=_id)
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (1025, 4097)], ids=compact_case_id)
 def test_fused_sma_matches_reference(target: Target, case) -> None:
     x, compact = _layout(case)
     sma = torch.randn(x.code.shape, generator=torch.Generator().manual_seed(2)).to(x.value.dtype)
@@ -180,7 +169,7 @@ SIMD_CASES = (
 )
 
 
-@pytest.mark.parametrize("case", SIMD_CASES, ids=_id)
+@pytest.mark.parametrize("case", SIMD_CASES, ids=compact_case_id)
 def test_cpp_avx2_path_gives_the_scalar_paths_bits(case) -> None:
     """Forward, fused SMA, backward and the sensitivity's backward: the same bits with the AVX2 path
     on and off (refs gradient included: both add each mode's terms in the same order)."""

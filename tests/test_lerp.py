@@ -2,16 +2,11 @@
 
 import pytest
 import torch
-from helpers import Target, assert_verbose_close, flash_tolerance, require, targets
+from helpers import Target, assert_verbose_close, flash_tolerance
 
 import stdet_kernels
 
 SIZES = (1, 2, 1023, 4097, 100_003)
-
-
-@pytest.fixture(params=targets(), ids=str)
-def target(request) -> Target:
-    return require(request.param)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64))

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import MIXES, Target, make_inputs, require, targets
+from helpers import MIXES, Target, compact_case_id, make_inputs, require
 
 import stdet_kernels
 from stdet_kernels import COMPACT_BLOCK, FREE
@@ -21,17 +21,6 @@ CASES = (
     + [(4097, "mixed", 10, F32, coef) for coef in (torch.bfloat16, torch.float16)]
     + [(4097, "mixed", 10, dtype, dtype) for dtype in (torch.bfloat16, torch.float16)]
 )
-
-
-def _id(case) -> str:
-    n, mix, modes, dtype, coef = case
-    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
-    return f"{n}-{mix}-{modes}modes-{name(dtype)}-coef_{name(coef)}"
-
-
-@pytest.fixture(params=targets(), ids=str)
-def target(request) -> Target:
-    return require(request.param)
 
 
 def _sizes(n: int, generator: torch.Generator) -> list[int]:
@@ -90,7 +79,7 @@ def _run_flat(target, compact, grad, **options):
     return w.detach().cpu(), fv.grad.cpu(), r.grad.cpu()
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=compact_case_id)
 def test_pieces_give_the_flat_ops_bits(target: Target, case) -> None:
     compact, sizes, grads, _ = _problem(case)
     grad = _flat(grads, sizes, compact[0])
@@ -102,7 +91,10 @@ def test_pieces_give_the_flat_ops_bits(target: Target, case) -> None:
     assert torch.equal(pieces[1], grad[compact[1] == FREE])
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (4097, 100_003) or c[2] != 10], ids=_id)
+SMA_CASES = [c for c in CASES if c[0] in (4097, 100_003) or c[2] != 10]
+
+
+@pytest.mark.parametrize("case", SMA_CASES, ids=compact_case_id)
 def test_pieces_with_sma_and_sensitivity_give_the_flat_ops_bits(target: Target, case) -> None:
     compact, sizes, grads, sensitivity = _problem(case, seed=5)
     grad = _flat(grads, sizes, compact[0])

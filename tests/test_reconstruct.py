@@ -15,8 +15,6 @@ from helpers import (
     make_inputs,
     reference_forward,
     refs_grad_tolerance,
-    require,
-    targets,
     upcast,
 )
 
@@ -52,11 +50,6 @@ def _inputs(case) -> Inputs:
     shape, mix, modes, dtype = case
     flat = make_inputs(math.prod(shape), modes, mix, dtype, seed=hash(case) % 1000)
     return Inputs(*(t.reshape(shape) for t in flat.as_tuple()[:4]), flat.refs)
-
-
-@pytest.fixture(params=targets(), ids=str)
-def target(request) -> Target:
-    return require(request.param)
 
 
 def _atol(dtype: torch.dtype) -> float:
