@@ -325,16 +325,20 @@ def _(pieces, sizes, free_values, code, offsets, a, refs, sensitivity, decay, me
     return free_values.new_empty(free_values.shape), refs.new_empty(refs.shape)
 
 
-def _pieces_forward(free_values, code, offsets, a, b, refs, sizes, sma, alpha) -> tuple[Tensor, ...]:
-    """The pieces of the weight. With every element FREE and no SMA update due (a layout after
-    STDET released it), the weight is free_values itself: views of it, no pass over memory."""
+def _pieces_forward(free_values, code, offsets, a, b, refs, sizes, shapes, sma, alpha) -> tuple[Tensor, ...]:
+    """The pieces of the weight, each viewed as its shape. With every element FREE and no SMA
+    update due (a layout after STDET released it), the weight is free_values itself: views of it, no
+    pass over memory."""
     if sma is None and free_values.numel() == code.numel():
-        return tuple(free_values.split_with_sizes(sizes))
-    if sma is None:
+        flat = free_values
+    elif sma is None:
         flat = _reconstruct_compact_op(free_values, code, offsets, a, b, refs)
     else:
         flat = _reconstruct_compact_sma_op(free_values, code, offsets, a, b, refs, sma, alpha)
-    return tuple(flat.split_with_sizes(sizes))
+    pieces = flat.split_with_sizes(sizes)
+    if shapes is None:
+        return tuple(pieces)
+    return tuple(piece.view(shape) for piece, shape in zip(pieces, shapes, strict=True))
 
 
 class _ReconstructCompactPieces(torch.autograd.Function):
@@ -342,13 +346,13 @@ class _ReconstructCompactPieces(torch.autograd.Function):
     backward from the views' gradients in place."""
 
     @staticmethod
-    def forward(ctx, free_values, code, offsets, a, b, refs, sizes, sma, alpha, sensitivity, decay,
-                measure, reference_index):  # fmt: skip
+    def forward(ctx, free_values, code, offsets, a, b, refs, sizes, shapes, sma, alpha, sensitivity,
+                decay, measure, reference_index):  # fmt: skip
         ctx.set_materialize_grads(False)  # a view with no gradient reads as zeros, not a zero tensor
         _save_for_backward(ctx, free_values, code, offsets, a, refs, sensitivity, decay, measure)
         ctx.sizes, ctx.reference_index, ctx.refs_dtype = sizes, reference_index, refs.dtype
         ctx.dtype = free_values.dtype
-        return _pieces_forward(free_values, code, offsets, a, b, refs, sizes, sma, alpha)
+        return _pieces_forward(free_values, code, offsets, a, b, refs, sizes, shapes, sma, alpha)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -371,7 +375,7 @@ class _ReconstructCompactPieces(torch.autograd.Function):
             )  # fmt: skip
         if ctx.reference_index is not None:
             grad_refs = _elements_of(grads, ctx.sizes, ctx.reference_index).to(ctx.refs_dtype)
-        return grad_free, None, None, None, None, grad_refs, None, None, None, None, None, None, None
+        return grad_free, None, None, None, None, grad_refs, *(None,) * 8
 
 
 def _elements_of(grads: tuple[Tensor | None, ...], sizes: list[int], index: Tensor) -> Tensor:
@@ -490,6 +494,7 @@ def reconstruct_compact_pieces(
     refs: Tensor,
     sizes: list[int],
     *,
+    shapes: list[tuple[int, ...]] | None = None,
     sma: Tensor | None = None,
     alpha: float = 1.0,
     sensitivity: Tensor | None = None,
@@ -497,8 +502,9 @@ def reconstruct_compact_pieces(
     measure: str = DEFAULT_MEASURE,
     reference_index: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
-    """`reconstruct_compact` (`reconstruct_compact_sma_` when `sma` is given) as the 1-D views of
-    consecutive pieces of `sizes` elements: a model's layers laid end to end.
+    """`reconstruct_compact` (`reconstruct_compact_sma_` when `sma` is given) as the views of
+    consecutive pieces of `sizes` elements: a model's layers laid end to end; 1-D, or each viewed as
+    its entry of `shapes` (made inside the op: no view node per layer in the backward).
 
     The backward reads the views' gradients in place (C++; the other backends concatenate them
     first), so a model's layers cost one pass over their gradients, not a concatenation and then a
@@ -510,6 +516,10 @@ def reconstruct_compact_pieces(
     sizes = [int(size) for size in sizes]
     if any(size < 0 for size in sizes) or sum(sizes) != code.numel():
         raise ValueError(f"sizes: expected sizes of no less than 0 adding up to {code.numel()}, got {sizes}")
+    if shapes is not None:
+        shapes = [tuple(shape) for shape in shapes]
+        if len(shapes) != len(sizes) or any(math.prod(s) != n for s, n in zip(shapes, sizes, strict=False)):
+            raise ValueError(f"shapes: expected one shape of each piece's size {sizes}, got {shapes}")
     if sma is not None:
         alpha = _check_average(sma, alpha, free_values, code)
     if sensitivity is not None:
@@ -531,9 +541,9 @@ def reconstruct_compact_pieces(
         check_code_modes(code, refs.numel())
         _check_layout(code, offsets, free_values.numel())
     if not (torch.is_grad_enabled() and (free_values.requires_grad or refs.requires_grad)):
-        return _pieces_forward(free_values, code, offsets, a, b, refs, sizes, sma, alpha)
+        return _pieces_forward(free_values, code, offsets, a, b, refs, sizes, shapes, sma, alpha)
     return _ReconstructCompactPieces.apply(
-        free_values, code, offsets, a, b, refs, sizes, sma, alpha, sensitivity, decay, measure,
+        free_values, code, offsets, a, b, refs, sizes, shapes, sma, alpha, sensitivity, decay, measure,
         reference_index,
     )  # fmt: skip
 

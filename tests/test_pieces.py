@@ -243,3 +243,17 @@ def test_reference_index_out_of_range_is_rejected() -> None:
     index[3] = 4097
     with pytest.raises(ValueError, match=r"^reference_index: expected indices in \[0, 4097\)"):
         stdet_kernels.reconstruct_compact_pieces(*compact, sizes, reference_index=index)
+
+
+def test_shaped_views_are_the_flat_views_reshaped() -> None:
+    compact, sizes, grads, _ = _problem((4097, "mixed", 10, F32, F32))
+    shapes = [(size,) if size % 2 else (2, size // 2) for size in sizes]
+    free_values = compact[0].clone().requires_grad_()
+    views = stdet_kernels.reconstruct_compact_pieces(free_values, *compact[1:], sizes, shapes=shapes)
+    assert [tuple(v.shape) for v in views] == shapes
+    used = [(v, g.view(v.shape)) for v, g in zip(views, grads, strict=True) if g is not None]
+    torch.autograd.backward([v for v, _ in used], [g for _, g in used])
+    _, expected_free, _ = _run_pieces(Target("cpp", "cpu"), compact, sizes, grads)
+    assert torch.equal(free_values.grad, expected_free)
+    with pytest.raises(ValueError, match="^shapes: expected"):
+        stdet_kernels.reconstruct_compact_pieces(*compact, sizes, shapes=[(s + 1,) for s in sizes])

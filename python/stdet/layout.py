@@ -160,13 +160,20 @@ class FlatLayout(nn.Module):
         torch.compile, the traced op and a plain split."""
         training = torch.is_grad_enabled() and (self.free_values.requires_grad or self.refs.requires_grad)
         if self.override is not None or torch.compiler.is_compiling() or not training:
-            return self.reconstruct().split_with_sizes(self.sizes)
+            return self._shaped(self.reconstruct())
         layout, options, sample = self._arguments()
         if sample is not None:
             options.update(sma=sample[0], alpha=sample[1])
         if self._own_references():
             options["reference_index"] = self.own_reference_index
-        return stdet_kernels.reconstruct_compact_pieces(*layout, self.sizes, **options)
+        return stdet_kernels.reconstruct_compact_pieces(*layout, self.sizes, shapes=self.shapes, **options)
+
+    def _shaped(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """The layers' views of a flat weight, each of its layer's shape."""
+        return tuple(
+            piece.view(shape)
+            for piece, shape in zip(flat.split_with_sizes(self.sizes), self.shapes, strict=True)
+        )
 
     def begin_forward(self, *_) -> None:
         """The model's forward pre-hook: the flat weight once for every layer of this forward."""
@@ -180,7 +187,7 @@ class FlatLayout(nn.Module):
     def view(self, index: int) -> Tensor:
         """Layer `index`'s weight."""
         views = self._views if self._views is not None else self._views_outside_forward()
-        return views[index].view(self.shapes[index])
+        return views[index]
 
     def _views_outside_forward(self) -> tuple[Tensor, ...]:
         if torch.is_grad_enabled() or self.pending_sample is not None:
@@ -193,7 +200,7 @@ class FlatLayout(nn.Module):
             self.free_values.data_ptr(),
         )
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.reconstruct().split_with_sizes(self.sizes))
+            self._cache = (key, self._shaped(self.reconstruct()))
         return self._cache[1]
 
     @torch.no_grad()
