@@ -181,3 +181,18 @@ def test_exported_state_dict_loads_into_plain_compressai(arch: str, tmp_path) ->
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_forward_that_raises_leaves_no_stale_views() -> None:
+    """The layout's views of a forward end with it, also when it raises: a later access outside the
+    forward sees the weights as they are then."""
+    torch.manual_seed(0)
+    model = FactorizedPrior(N=8, M=12)
+    layout = attach(model)
+    with pytest.raises(RuntimeError):
+        model(torch.rand(1, 5, 32, 32))  # 5 channels: the first convolution refuses them
+    assert layout._views is None
+    with torch.no_grad():
+        layout.free_values.add_(1.0)
+        expected = layout.weights()[: layout.sizes[0]].view(layout.shapes[0])
+        assert torch.equal(model.g_a[0].weight, expected)

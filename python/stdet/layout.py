@@ -181,7 +181,8 @@ class FlatLayout(nn.Module):
             self._views = self._layer_views()
 
     def end_forward(self, *_) -> None:
-        """The model's forward hook: views of this forward are not reused by the next."""
+        """The model's forward hook (also when the forward raises): views of this forward are not
+        reused after it."""
         self._views = None
 
     def view(self, index: int) -> Tensor:

@@ -185,7 +185,7 @@ def attach(
         layout = FlatLayout(names, [tuple(t.shape) for t in tensors])
         model.add_module(STATE_MODULE, layout)
         model.register_forward_pre_hook(layout.begin_forward)
-        model.register_forward_hook(layout.end_forward)
+        model.register_forward_hook(layout.end_forward, always_call=True)
     elif layout.names != names:
         raise RuntimeError("attach: the layout was made for a different set of tensors")
     masks = []

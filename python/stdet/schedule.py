@@ -165,7 +165,7 @@ class STDET:
         self.layout = FlatLayout(self.names, [piece.shape for piece in self.slices], owner=self)
         model.add_module(STATE_MODULE, self.layout)
         model.register_forward_pre_hook(self.layout.begin_forward)
-        model.register_forward_hook(self.layout.end_forward)
+        model.register_forward_hook(self.layout.end_forward, always_call=True)
         model.register_load_state_dict_pre_hook(self._before_model_loads)
         model.register_load_state_dict_post_hook(_state_is_optional)
 
