@@ -38,7 +38,6 @@ from .ops import (
     _check_tensor,
     check_code_modes,
     run_kernel,
-    select,
 )
 from .reference import COMPACT_BLOCK, compact_offsets, pack, unpack
 
@@ -224,13 +223,22 @@ def _(grad, free_values, code, offsets, a, refs, sensitivity, decay, measure):
     return grad.new_empty(code.numel() - a.numel()), refs.new_empty(refs.shape)
 
 
-def _compact_backward(grad: Tensor, free_values: Tensor | None, layout, sensitivity, decay, measure):
-    """(dL/dfree_values, dL/drefs), by the fused op when a sensitivity target was given."""
+def _compact_backward(
+    grad, free_values: Tensor | None, layout, sensitivity, decay, measure, sizes: list[int] | None = None
+):
+    """(dL/dfree_values, dL/drefs), by the fused op when a sensitivity target was given; `grad` is
+    dL/dw, or with `sizes` the list of its pieces (the pieces ops read them in place)."""
     code, offsets, a, refs = layout
+    if sizes is None:
+        if sensitivity is None:
+            return _reconstruct_compact_backward_op(grad, code, offsets, a, refs)
+        return _reconstruct_compact_backward_sensitivity_op(
+            grad, free_values, code, offsets, a, refs, sensitivity, decay, measure
+        )
     if sensitivity is None:
-        return _reconstruct_compact_backward_op(grad, code, offsets, a, refs)
-    return _reconstruct_compact_backward_sensitivity_op(
-        grad, free_values, code, offsets, a, refs, sensitivity, decay, measure
+        return _reconstruct_compact_backward_pieces_op(grad, sizes, code, offsets, a, refs)
+    return _reconstruct_compact_backward_pieces_sensitivity_op(
+        grad, sizes, free_values, code, offsets, a, refs, sensitivity, decay, measure
     )
 
 
@@ -245,11 +253,11 @@ def _save_for_backward(ctx, free_values, code, offsets, a, refs, sensitivity, de
     ctx.sensitivity, ctx.decay, ctx.measure = sensitivity, decay, measure
 
 
-def _saved_backward(ctx, grad: Tensor):
+def _saved_backward(ctx, grad, sizes: list[int] | None = None):
     code, offsets, a, refs, *free_values = ctx.saved_tensors
     layout = (code, offsets, a, refs)
     free_values = free_values[0] if free_values else None
-    return _compact_backward(grad, free_values, layout, ctx.sensitivity, ctx.decay, ctx.measure)
+    return _compact_backward(grad, free_values, layout, ctx.sensitivity, ctx.decay, ctx.measure, sizes)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -265,31 +273,19 @@ def _backward(ctx, grad: Tensor):
 _reconstruct_compact_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _pieces_kernel(
-    op: str, device: torch.device, pieces: list[Tensor], sizes: list[int], tensors, updated=None, *scalars
-):
-    """Run a backward kernel on the pieces' gradients (an empty piece of nonzero size reads as zeros)
-    and contiguous `tensors`, then ``updated`` (written in place, copied back if it had to be made
-    contiguous, as `run_kernel` does) and `scalars`."""
-    kernel = select(device, op)
-    pieces = [p.contiguous() for p in pieces]
-    contiguous = tuple(t.contiguous() for t in tensors)
-    if updated is None:
-        return kernel(pieces, list(sizes), *contiguous, *scalars)
-    updated_contiguous = updated.contiguous()
-    result = kernel(pieces, list(sizes), *contiguous, updated_contiguous, *scalars)
-    if updated_contiguous is not updated:
-        updated.copy_(updated_contiguous)
-    return result
+def _pieces(pieces: list[Tensor], sizes: list[int]) -> tuple[list[Tensor], list[int]]:
+    """`run_kernel`'s leading arguments of a pieces backward: the gradients, contiguous (an empty
+    piece of nonzero size reads as zeros), and their sizes."""
+    return [p.contiguous() for p in pieces], list(sizes)
 
 
 @torch.library.custom_op("stdet::reconstruct_compact_backward_pieces", mutates_args=())
 def _reconstruct_compact_backward_pieces_op(
     pieces: list[Tensor], sizes: list[int], code: Tensor, offsets: Tensor, a: Tensor, refs: Tensor
 ) -> tuple[Tensor, Tensor]:
-    return _pieces_kernel(
-        "reconstruct_compact_backward_pieces", code.device, pieces, sizes, (code, offsets, a, refs)
-    )
+    tensors = (code, offsets, a, refs)
+    op = "reconstruct_compact_backward_pieces"
+    return run_kernel(op, code.device, tensors, leading=_pieces(pieces, sizes))
 
 
 @_reconstruct_compact_backward_pieces_op.register_fake
@@ -315,9 +311,10 @@ def _reconstruct_compact_backward_pieces_sensitivity_op(
 ) -> tuple[Tensor, Tensor]:
     check_code_modes(code, refs.numel())
     _check_layout(code, offsets, free_values.numel())
-    op = "reconstruct_compact_backward_pieces_sensitivity_"
     tensors = (free_values, code, offsets, a, refs)
-    return _pieces_kernel(op, code.device, pieces, sizes, tensors, sensitivity, decay, measure == "fisher")
+    fisher = measure == "fisher"
+    op = "reconstruct_compact_backward_pieces_sensitivity_"
+    return run_kernel(op, code.device, tensors, sensitivity, decay, fisher, leading=_pieces(pieces, sizes))
 
 
 @_reconstruct_compact_backward_pieces_sensitivity_op.register_fake
@@ -356,23 +353,15 @@ class _ReconstructCompactPieces(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        code, offsets, a, refs, *free_values = ctx.saved_tensors
         sizes = ctx.sizes
         given = next((g for g in grads if g is not None and g.numel()), None)
         if given is None:  # only views of no elements got gradients: the flat gradient is zeros
+            code = ctx.saved_tensors[0]
             pieces, sizes = [code.new_zeros(code.numel(), dtype=ctx.dtype)], [code.numel()]
         else:
             empty = given.new_empty(0)
             pieces = [empty if g is None else g.reshape(-1) for g in grads]
-        if ctx.sensitivity is None:
-            grad_free, grad_refs = _reconstruct_compact_backward_pieces_op(
-                pieces, sizes, code, offsets, a, refs
-            )
-        else:
-            grad_free, grad_refs = _reconstruct_compact_backward_pieces_sensitivity_op(
-                pieces, sizes, free_values[0], code, offsets, a, refs, ctx.sensitivity, ctx.decay,
-                ctx.measure,
-            )  # fmt: skip
+        grad_free, grad_refs = _saved_backward(ctx, pieces, sizes)
         if ctx.reference_index is not None:
             grad_refs = _elements_of(grads, ctx.sizes, ctx.reference_index).to(ctx.refs_dtype)
         return grad_free, None, None, None, None, grad_refs, *(None,) * 8

@@ -135,17 +135,23 @@ def check_code_modes(code: Tensor, num_modes: int) -> None:
 
 
 def run_kernel(
-    op: str, device: torch.device, tensors: tuple[Tensor, ...], updated: Tensor | None = None, *scalars
+    op: str,
+    device: torch.device,
+    tensors: tuple[Tensor, ...],
+    updated: Tensor | None = None,
+    *scalars,
+    leading: tuple = (),
 ):
     """Run backend kernel `op` on contiguous `tensors`, then (for an op that writes a tensor in
     place: the SMA average, the sensitivity) ``updated`` and the op's `scalars`; an `updated` that had
-    to be copied to be contiguous is written back."""
+    to be copied to be contiguous is written back. `leading` arguments go first, as given (the
+    pieces backward's list of gradients and their sizes)."""
     kernel = select(device, op)
     contiguous = tuple(t.contiguous() for t in tensors)
     if updated is None:
-        return kernel(*contiguous, *scalars)
+        return kernel(*leading, *contiguous, *scalars)
     updated_contiguous = updated.contiguous()
-    result = kernel(*contiguous, updated_contiguous, *scalars)
+    result = kernel(*leading, *contiguous, updated_contiguous, *scalars)
     if updated_contiguous is not updated:
         updated.copy_(updated_contiguous)
     return result
