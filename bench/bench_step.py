@@ -1,7 +1,8 @@
 """What one training step costs: plain training against STDET waiting for a plateau (the default
-``start="plateau"`` before the loss flattens: the model not yet attached), all FREE (right after
-attaching), at 50%, 80% and 90% embedded, and released after the lr drop, on two model sizes, timed
-phase by phase with the cases interleaved.
+``start="plateau"`` before the loss flattens), all FREE (modes fitted, before the first round: the
+model not attached yet, the sensitivity tracked by gradient hooks), at 50%, 80% and 90% embedded, and
+released after the lr drop (attached, every element FREE again), on two model sizes, timed phase by
+phase with the cases interleaved.
 
 A step is what `stdet train` does: zero the gradients, forward and RD loss, backward, Adam on the
 network and the aux loss with its Adam, then `STDET.step(loss)`. On this shared machine timings drift
@@ -35,6 +36,8 @@ STATES = {
     # The library's default before a plateau: not attached (the plain model), a snapshot of the
     # weights and a probe forward (as `stdet train` gives) every refit interval.
     "waiting for a plateau": ("waiting", False),
+    # Modes fitted, before the first round: every element FREE, the model not attached yet (the
+    # layers' own tensors; gradient hooks track the sensitivity, the refit reads the layers).
     "all FREE": (0.0, True),
     "all FREE, not tracking": (0.0, False),
     "50% embedded": (0.5, True),
@@ -108,9 +111,8 @@ class Case:
             self.st.step_count = 0  # refits at steps 10, 20, ... of the timed steps
             self.st._track_sensitivity = lambda: None  # this case's setting, every step
             config = self.st.config
-            self.st.layout.track_sensitivity = (
-                (config.sensitivity_decay, config.sensitivity) if tracking else None
-            )
+            tracker = self.st._tracker()  # the hooks before the first round, then the layout
+            tracker.track_sensitivity = (config.sensitivity_decay, config.sensitivity) if tracking else None
         self.embedded = 0.0 if self.st is None or not self.st.layout.attached else self.st.embedded_fraction()
         self.trainable = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
         self.times = {phase: [] for phase in PHASES}

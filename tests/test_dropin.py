@@ -214,7 +214,7 @@ def test_refs_follow_any_scheduler_created_before_stdet_attaches(scheduler_name)
     torch.manual_seed(0)
     net = image_models["bmshj2018-factorized"](quality=1)
     optimizer, _ = configure_optimizers(net)
-    st = stdet.STDET(net, optimizer, stdet.STDETConfig(**STDET_CONFIG))  # attaches after step 4
+    st = stdet.STDET(net, optimizer, stdet.STDETConfig(**STDET_CONFIG))  # attaches at step 6
     scheduler = SCHEDULERS[scheduler_name](optimizer)  # decays at step 3, before the attach
     criterion = RateDistortionLoss()
     refs_lrs, net_lrs, expected = [], [], []
@@ -236,7 +236,7 @@ def test_refs_follow_any_scheduler_created_before_stdet_attaches(scheduler_name)
             refs_lrs.append(group["lr"])
             net_lrs.append(net_group["lr"])
             expected.append(scheduler.get_last_lr()[0])
-    assert len(refs_lrs) == 9 and refs_lrs == net_lrs == expected
+    assert len(refs_lrs) == 7 and refs_lrs == net_lrs == expected  # (fitted at 4, first round at 6)
     assert refs_lrs[0] < 1e-3  # attached after a decay had happened
 
 

@@ -66,8 +66,9 @@ def test_end_to_end_warmup_fit_and_three_rounds() -> None:
     losses: list[float] = []
     _train(model, optimizer, st, range(20), losses)
     assert st.phase == "embedding" and st.num_modes >= 1
-    refs_only = st.embedded_fraction()
-    assert refs_only == pytest.approx(st.num_modes / st.elements)
+    # Modes fitted; every element FREE: the model stays as it is until the first round.
+    assert not st.layout.attached and st.embedded_fraction() == 0.0 and st.refs is None
+    refs_only = st.num_modes / st.elements
     _train(model, optimizer, st, range(20, 39), losses)  # rounds at steps 25, 30, 35
     rounds = [h for h in st.history if h["event"] == "round"]
     assert len(rounds) == 3 and not any(h["event"] == "undone" for h in st.history)
@@ -118,8 +119,11 @@ def test_end_to_end_warmup_fit_and_three_rounds() -> None:
     assert decoded["x_hat"].shape == (1, 3, 32, 32)
 
 
+# Saved between the fit (20) and the first round (25), not attached yet, sensitivity tracked by the
+# hooks; and after the first round.
+@pytest.mark.parametrize("split", [22, 27])
 @pytest.mark.parametrize("ref_grad", ["full", "own"])
-def test_resumed_run_matches_the_uninterrupted_one(ref_grad) -> None:
+def test_resumed_run_matches_the_uninterrupted_one(ref_grad, split) -> None:
     config = stdet.STDETConfig(**CONFIG, ref_grad=ref_grad)
     model, optimizer, st = _setup(config)
     straight: list[float] = []
@@ -127,7 +131,9 @@ def test_resumed_run_matches_the_uninterrupted_one(ref_grad) -> None:
 
     model, optimizer, st = _setup(config)
     resumed: list[float] = []
-    _train(model, optimizer, st, range(27), resumed)
+    _train(model, optimizer, st, range(split), resumed)
+    assert st.layout.attached == (split > 25)
+    assert st._tracker().track_sensitivity is not None  # (the window before the round at 25 or 30)
     buffer = io.BytesIO()
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stdet": st.state_dict()}
     state["rng"] = torch.get_rng_state()  # the entropy bottleneck's training noise draws from it
@@ -139,9 +145,74 @@ def test_resumed_run_matches_the_uninterrupted_one(ref_grad) -> None:
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"])
-    _train(model, optimizer, st, range(27, 37), resumed)
+    _train(model, optimizer, st, range(split, 37), resumed)
     assert resumed == straight
     assert (st.layout.own_reference_index is not None) == (ref_grad == "own")
+
+
+def test_until_the_first_round_the_model_stays_plain_and_its_hooks_track_the_sensitivity() -> None:
+    """From the fit to the first round every element is FREE: no stdet op runs, the user's optimizer
+    trains the layers' own tensors, and gradient hooks keep the sensitivity as the fused backward
+    would (the value at backward time, that backward's gradient). The first round attaches the model:
+    the hooks' sensitivity and the optimizer's moments move over, and refs take their reference
+    elements' values and moments."""
+    model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG, sensitivity_decay=0.5))
+    _train(model, optimizer, st, range(21))
+    assert not st.layout.attached and st.hooked is not None
+    st.hooked.sensitivity.fill_(2.0)
+    st.hooked.track_sensitivity = (0.5, "taylor")
+    params = [model.get_parameter(n) for n in st.names]
+    optimizer.zero_grad()
+    loss = _rd_loss(model, _batch(21))
+    before = torch.cat([p.detach().reshape(-1) for p in params])
+    with stdet_kernels.record_calls() as calls:
+        loss.backward()
+    assert calls == []
+    grad = torch.cat([p.grad.reshape(-1) for p in params])
+    expected = 0.5 * 2.0 + 0.5 * (grad * before).abs()
+    torch.testing.assert_close(st.hooked.sensitivity, expected, rtol=1e-6, atol=0)
+    optimizer.step()
+    st.step(loss)
+    _train(model, optimizer, st, range(22, 24))
+    # Just before the first round (its st.step at step 25): the state to carry over.
+    optimizer.zero_grad()
+    loss = _rd_loss(model, _batch(24))
+    loss.backward()
+    optimizer.step()
+    weights, sensitivity = st.flat_weights(), st.hooked.sensitivity.clone()
+    moments = {
+        key: torch.cat([optimizer.state[p][key].reshape(-1) for p in params])
+        for key in ("exp_avg", "exp_avg_sq")
+    }
+    step = optimizer.state[params[0]]["step"].clone()
+    hooks = [len(p._backward_hooks or {}) for p in params]
+    st.step(loss)
+    assert [h["event"] for h in st.history] == ["fit", "attach", "round"] and st.layout.attached
+    assert st.hooked is None and hooks == [1] * len(params)
+    assert all(not p._backward_hooks for p in params)  # (the layers' emptied tensors)
+    refs = st.references
+    assert torch.equal(st.refs.detach(), weights[refs])
+    for key, value in moments.items():
+        assert torch.equal(optimizer.state[st.refs][key], value[refs])
+        free = st.layout.code == FREE
+        assert torch.equal(optimizer.state[st.layout.free_values][key], value[free])
+    assert torch.equal(optimizer.state[st.refs]["step"], step)
+    assert torch.equal(st.layout.sensitivity, sensitivity[st.layout.code == FREE])
+
+
+def test_a_release_before_the_first_round_leaves_the_plain_model() -> None:
+    model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG, release=True))
+    _train(model, optimizer, st, range(22))
+    for group in optimizer.param_groups:
+        group["lr"] *= 0.1
+    _train(model, optimizer, st, range(22, 23))
+    assert st.phase == "released" and not st.layout.attached and st.hooked is None
+    params = [model.get_parameter(n) for n in st.names]
+    assert all(not p._backward_hooks for p in params)
+    state = st.state_dict()
+    _, _, fresh = _setup(stdet.STDETConfig(**CONFIG, release=True))
+    fresh.load_state_dict(state)
+    assert fresh.phase == "released" and not fresh.layout.attached and fresh.hooked is None
 
 
 def test_a_round_that_raises_the_loss_is_undone() -> None:
@@ -159,7 +230,7 @@ def test_a_round_that_raises_the_loss_is_undone() -> None:
             embedded_before_judgement = st.embedded_fraction()
         st.step(1.0 if step < 25 else 2.0)
     events = [h["event"] for h in st.history]
-    assert events == ["attach", "round", "undone", "round"]
+    assert events == ["fit", "attach", "round", "undone", "round"]
     assert st.rate == pytest.approx(CONFIG["embed_rate"] / 2) and st.history[-1]["rate"] == st.rate
     refs_only = st.num_modes / st.elements
     assert embedded_before_judgement == pytest.approx(refs_only + 0.3 * (1 - refs_only), abs=2e-3)
@@ -181,7 +252,7 @@ def test_a_rise_within_the_batch_noise_is_not_undone(sigmas, expected) -> None:
         optimizer.step()
         st.step(swings[step % 5] * (1.0 if step < 25 else 1.05))
     events = [h["event"] for h in st.history]
-    assert events[:3] == ["attach", "round", expected]
+    assert events[:4] == ["fit", "attach", "round", expected]
 
 
 def test_misuse_gives_clear_errors() -> None:
@@ -221,17 +292,18 @@ def test_rewiring_keeps_the_state_of_elements_that_stay_free(make_optimizer) -> 
     model = FactorizedPrior(N=8, M=12)
     optimizer = make_optimizer([p for n, p in model.named_parameters() if not n.endswith(".quantiles")])
     st = stdet.STDET(model, optimizer, stdet.STDETConfig(**CONFIG))
-    for step in range(25):
+    for step in range(30):
         optimizer.zero_grad()
         loss = _rd_loss(model, _batch(step))
         loss.backward()
         optimizer.step()
-        if step == 24:  # the first round runs in this st.step: look at the state just before it
+        if step == 29:  # the second round runs in this st.step: look at the state just before it
             value = st.layout.free_values
             code_before = st.layout.code.clone()
             state_before = {k: v.clone() for k, v in optimizer.state[value].items() if v.dim() > 0}
         st.step(loss)
-    assert [h["event"] for h in st.history] == ["attach", "round"]
+    assert [h["event"] for h in st.history][-1] == "round"
+    assert [h["event"] for h in st.history].count("round") == 2
     code_after = st.layout.code
     stays = code_after.reshape(-1)[code_before.reshape(-1) == FREE] == FREE
     assert 0 < int(stays.sum()) < stays.numel()
@@ -239,7 +311,7 @@ def test_rewiring_keeps_the_state_of_elements_that_stay_free(make_optimizer) -> 
         after = optimizer.state[value][key]
         assert after.shape == (int((code_after == FREE).sum()),)
         assert torch.equal(after, before[stays]), key
-    _train(model, optimizer, st, range(25, 30))  # training goes on with the rewired optimizer
+    _train(model, optimizer, st, range(30, 35))  # training goes on with the rewired optimizer
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -251,7 +323,8 @@ def test_16_bit_coefficients_keep_continuity_to_their_precision(dtype: str) -> N
     loss = _rd_loss(model, _batch(24))
     loss.backward()
     optimizer.step()
-    codes_before, before = st.layout.code.clone(), st.flat_weights()
+    codes_before = torch.full((st.elements,), FREE, dtype=torch.uint8)  # not attached yet: all FREE
+    before = st.flat_weights()
     st.step(loss)  # the first round
     assert st.history[-1]["event"] == "round"
     assert st.layout.a.dtype == getattr(torch, dtype)
@@ -280,13 +353,13 @@ def test_fisher_sensitivity_and_gdn_embedding_run() -> None:
     model, optimizer, st = _setup(config)
     assert "g_a.1.beta" in st.names
     _train(model, optimizer, st, range(26))
-    assert [h["event"] for h in st.history] == ["attach", "round"]
+    assert [h["event"] for h in st.history] == ["fit", "attach", "round"]
     assert math.isfinite(float(_rd_loss(model, _batch(0)).detach()))
 
 
 def test_a_second_stdet_on_the_same_model_is_refused() -> None:
     model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG))
-    _train(model, optimizer, st, range(20))  # attached now
+    _train(model, optimizer, st, range(25))  # attached now (the first round)
     with pytest.raises(RuntimeError, match="already has STDET parametrizations"):
         stdet.STDET(model, optimizer, stdet.STDETConfig(**CONFIG))
     warmup_state = _setup(stdet.STDETConfig(**CONFIG))[2].state_dict()
@@ -294,18 +367,23 @@ def test_a_second_stdet_on_the_same_model_is_refused() -> None:
         st.load_state_dict(warmup_state)
 
 
-def test_a_running_stdet_takes_its_own_state_back_unchanged() -> None:
+@pytest.mark.parametrize("steps", [22, 27], ids=["fitted, not attached", "attached"])
+def test_a_running_stdet_takes_its_own_state_back_unchanged(steps) -> None:
     """``model.load_state_dict(model.state_dict())`` mid-run (restoring a best model does this)."""
     model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG))
-    _train(model, optimizer, st, range(20))
+    _train(model, optimizer, st, range(steps))
     before = stdet.export_state_dict(model)
-    state, codes = model.state_dict(), st.layout.code.clone()
+    attached = st.layout.attached
+    state, codes = model.state_dict(), st.layout.code.clone() if attached else None
+    sensitivity = st._tracker().sensitivity.clone()
     model.load_state_dict(state)
     optimizer.load_state_dict(optimizer.state_dict())
     after = stdet.export_state_dict(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert torch.equal(codes, st.layout.code)
-    _train(model, optimizer, st, range(20, 24))  # and training goes on
+    assert st.layout.attached == attached and attached == (steps > 25)
+    assert codes is None or torch.equal(codes, st.layout.code)
+    assert torch.equal(sensitivity, st._tracker().sensitivity)
+    _train(model, optimizer, st, range(steps, steps + 4))  # and training goes on
 
 
 @pytest.mark.parametrize("arch", ["bmshj2018-factorized", "mbt2018-mean"])
@@ -333,7 +411,11 @@ def test_a_training_step_launches_at_most_three_stdet_ops_whatever_the_layers(ar
         counts.append(len(calls))
     rounds = [h for h in st.history if h["event"] == "round"]
     assert len(rounds) >= 2 and st.sma.samples == 16 and st.refit.count > 2
-    attached = counts[4:]  # from the first step after attaching
+    # Fitted at step 4, attached by the first round at step 7; before, the plain model and its SMA
+    # (one multi-tensor average op per step).
+    assert [h["event"] for h in st.history][:3] == ["fit", "attach", "round"] and st.history[1]["step"] == 7
+    assert counts[:6] == [0] + [1] * 5, counts  # (the first sample only copies the weights)
+    attached = counts[7:]  # from the first step after attaching
     assert max(attached) <= 3 and min(attached) >= 2, counts
 
 
@@ -384,21 +466,25 @@ def test_sensitivity_is_tracked_in_the_window_before_each_round_only() -> None:
     sensitivity in the 44 steps before a round (from zero) and skips that pass otherwise."""
     config = stdet.STDETConfig(**{**CONFIG, "embed_every": 100, "safety_window": 5})
     model, optimizer, st = _setup(config)
-    _train(model, optimizer, st, range(20))  # attached at step 20: the next round at step 120
+    _train(model, optimizer, st, range(20))  # modes fitted at step 20: the first round at step 120
     assert st.sensitivity_window == 44
     tracked = []
     for step in range(20, 120):
         st.step_count, st.last_round = step, 20
         st._track_sensitivity()
-        tracked.append(st.layout.track_sensitivity is not None)
+        tracked.append(st._tracker().track_sensitivity is not None)
     assert tracked == [False] * 56 + [True] * 44  # the backward of steps 77 to 120
+    st.step_count = 80  # in the window: the next backward updates the sensitivity
+    st._track_sensitivity()
     _train(model, optimizer, st, range(20, 21))
-    st.layout.sensitivity.fill_(1.0)
+    tracker = st._tracker()
+    assert tracker is st.hooked and tracker.sensitivity.abs().sum() > 0  # the hooks tracked it
+    tracker.sensitivity.fill_(1.0)
     st.step_count, st.last_round = 200, 190  # far from the next round: off
     st._track_sensitivity()
     st.step_count = 250  # in the window again: on, from zero
     st._track_sensitivity()
-    assert st.layout.track_sensitivity == (0.9, "taylor") and st.layout.sensitivity.abs().sum() == 0
+    assert tracker.track_sensitivity == (0.9, "taylor") and tracker.sensitivity.abs().sum() == 0
 
 
 def _resume(model, optimizer, setup):
@@ -492,7 +578,9 @@ def test_an_lr_drop_in_the_warm_up_ends_stdet_before_it_attaches() -> None:
 # ----------------------------------------------------------------------------------------------
 # Acceleration in mode space (`accelerate_every`)
 
-ACCELERATE = dict(CONFIG, safety_tolerance=100.0, accelerate_every=4)  # attach at 20: 24, 28, ...
+# Fitted at 20, attached at the first round (25), whose step the first record is: 27, 30, ... (every 3
+# steps: this tiny run then accepts some moves, so that the tests see both outcomes).
+ACCELERATE = dict(CONFIG, safety_tolerance=100.0, accelerate_every=3)
 
 
 def _eval_probe(model: torch.nn.Module):
@@ -528,11 +616,11 @@ def test_accepted_accelerations_lower_the_probe_loss(free_r2) -> None:
         if event.get("event") == "accelerate" and event["step"] == step + 1:
             assert st.probe() == event["after"]  # the weights left behind are the ones judged
     events = [h for h in st.history if h["event"] == "accelerate"]
-    assert [h["step"] for h in events] == [24, 28, 32, 36, 40]
+    assert [h["step"] for h in events] == [27, 30, 33, 36, 39]
     assert any(h["accepted"] for h in events), events
     for h in events:
         if h["accepted"]:
-            assert h["after"] < h["before"] and h["horizon"] in (4.0, 2.0) and h["after"] == h["tried"][-1][1]
+            assert h["after"] < h["before"] and h["horizon"] in (3.0, 1.5) and h["after"] == h["tried"][-1][1]
         else:
             assert h["horizon"] == 0.0 and len(h["tried"]) == 2 and h["after"] == h["before"]
             assert all(loss >= h["before"] for _, loss in h["tried"])
@@ -543,12 +631,12 @@ def test_an_acceleration_moves_only_the_references_unless_asked() -> None:
         model, optimizer, st = _setup_probed(
             stdet.STDETConfig(**ACCELERATE, accelerate_free_r2=free_r2), lambda model: lambda: 0.0
         )
-        _train(model, optimizer, st, range(23))
+        _train(model, optimizer, st, range(29))  # 28, 29 recorded
         refs, free = st.refs.detach().clone(), st.layout.free_values.detach().clone()
         st.trajectory.record(st.refs)
         st.probe = iter([1.0, 0.5]).__next__  # the current loss, then the first proposal's: accepted
         st._accelerate()
-        assert st.history[-1]["accepted"] and st.history[-1]["horizon"] == 4.0
+        assert st.history[-1]["accepted"] and st.history[-1]["horizon"] == 3.0
         assert not torch.equal(st.refs.detach(), refs)
         assert torch.equal(st.layout.free_values.detach(), free) != free_moves
 
@@ -568,7 +656,7 @@ def test_a_probe_that_always_says_worse_leaves_every_weight_bit_identical() -> N
         return probe
 
     runs = []
-    for accelerate_every in (0, 4):
+    for accelerate_every in (0, 3):
         config = stdet.STDETConfig(
             **{**ACCELERATE, "accelerate_every": accelerate_every}, accelerate_free_r2=0.0, sma_every=1
         )
@@ -598,11 +686,11 @@ def test_resumed_run_with_acceleration_matches_the_uninterrupted_one() -> None:
 
     model, optimizer, st = _setup_probed(config)
     resumed: list[float] = []
-    _train(model, optimizer, st, range(27), resumed)  # mid-window: 25, 26, 27 recorded
-    assert st.trajectory.count == 3
+    _train(model, optimizer, st, range(29), resumed)  # mid-window: 28, 29 recorded
+    assert st.trajectory.count == 2
     model, optimizer, st = _resume(model, optimizer, lambda: _setup_probed(config))
-    assert st.trajectory.count == 3
-    _train(model, optimizer, st, range(27, 41), resumed)
+    assert st.trajectory.count == 2
+    _train(model, optimizer, st, range(29, 41), resumed)
     assert resumed == straight
     assert st.history == straight_history
     assert any(h["event"] == "accelerate" and h["accepted"] for h in st.history)
@@ -636,7 +724,7 @@ def test_acceleration_is_off_by_default_and_asks_for_a_probe() -> None:
     _train(model, optimizer, st, range(30), without_probe)
     assert plain == without_probe
 
-    with pytest.raises(ValueError, match="^probe: config.accelerate_every=4 needs a probe"):
+    with pytest.raises(ValueError, match="^probe: config.accelerate_every=3 needs a probe"):
         _setup(stdet.STDETConfig(**ACCELERATE))
     with pytest.raises(ValueError, match="^accelerate_every: "):
         stdet.STDETConfig(accelerate_every=1)

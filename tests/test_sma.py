@@ -188,7 +188,7 @@ def test_averages_survive_attaching_and_embedding_rounds() -> None:
     before_attach = st.sma.averages["g_a.0.weight"].clone()
     samples_before = st.sma.samples
     model, _, st = _stdet_run("shadow", 31)  # same run, on through attach and two rounds
-    assert [h["event"] for h in st.history][:2] == ["attach", "round"]
+    assert [h["event"] for h in st.history][:3] == ["fit", "attach", "round"]
     assert st.sma.samples == samples_before + 6
     average = st.sma.averages["g_a.0.weight"]
     assert average.shape == before_attach.shape and not torch.equal(average, before_attach)

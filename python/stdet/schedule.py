@@ -5,12 +5,19 @@
         ...; loss.backward(); optimizer.step()
         st.step(loss)          # the loss is optional; without it embedding rounds are not judged
 
-It records trajectories during the warm-up, fits the modes at its end, attaches the parametrization
-(all FREE, references embedded in their modes), then every `embed_every` steps embeds a fraction of the
-still-free elements: the least sensitive ones, truly (``a * ref + b``) where their fit is good and
-stable, frozen (DUMMY) otherwise. A round that raises the smoothed loss by more than the tolerance is
-undone and the rate halved. Embedded elements leave training: they are no longer trainable values
-and have no optimizer state (see below).
+It records trajectories during the warm-up and fits the modes at its end, then every `embed_every`
+steps embeds a fraction of the still-free elements: the least sensitive ones, truly (``a * ref + b``)
+where their fit is good and stable, frozen (DUMMY) otherwise. A round that raises the smoothed loss
+by more than the tolerance is undone and the rate halved. Embedded elements leave training: they are
+no longer trainable values and have no optimizer state (see below).
+
+Until the first round embeds something every element is FREE, and the model stays as it is: its layers'
+own tensors, trained by the user's optimizer as in plain training, so that this phase costs what plain
+training does (the sensitivity of the window before the round comes from gradient hooks,
+`stdet.sensitivity`, and the refit reads the layers' tensors). The first round attaches the
+parametrization (the optimizer's state moves over with the values) and embeds each mode's reference
+element in its mode (``a = 1, b = 0``: ``refs`` take its value and its optimizer state) with the
+elements it chose.
 
 The parts: storage (`stdet.layout.FlatLayout`: every embeddable tensor on one flat axis in the
 compact layout, one trainable ``free_values`` that shrinks at every round, the optimizer's
@@ -64,6 +71,7 @@ from .parametrize import (
     parametrized_tensors,
 )
 from .policy import EmbeddingPolicy
+from .sensitivity import HookedSensitivity
 from .sma import SMA
 from .trajectory import TrajectoryRecorder, layout
 
@@ -155,6 +163,8 @@ class STDET:
         self.references: torch.Tensor | None = None  # flat index of each mode's reference element
         self.mode: torch.Tensor | None = None  # (elements,) uint8: the mode each element follows
         self.refit: OnlineRefit | None = None  # a, b, R^2 of the FREE elements
+        # From the fit to the first round (not attached yet): the sensitivity from gradient hooks.
+        self.hooked: HookedSensitivity | None = None
         self.peak_lr = 0.0  # the largest lr of the layout's param group so far (`release`)
         self.trajectory: RefTrajectory | None = None  # refs since the last acceleration
         self.sma: SMA | None = None
@@ -258,8 +268,11 @@ class STDET:
                     self.history.append({"step": self.step_count, "event": "waiting", "trend": trend})
             return
         if self.config.refit and self.step_count % self.snapshot_interval == 0:
-            # The FREE elements are the tracked ones, and each reference element's value is its ref.
-            self.refit.update_tracked(self.layout.free_values.detach(), self.refs.detach())
+            if self.layout.attached:  # the FREE elements are the tracked ones; references are refs
+                self.refit.update_tracked(self.layout.free_values.detach(), self.refs.detach())
+            else:  # every element is tracked, the references among them
+                weights = self._layer_weights()
+                self.refit.update_tracked(weights, weights[self.references.to(weights.device)])
         if self.pending is not None and self.step_count >= self.pending["step"] + self.config.safety_window:
             self._judge()
         due = self.step_count - self.last_round >= self.config.embed_every
@@ -330,11 +343,15 @@ class STDET:
             and self.embedded_fraction() < self.config.max_embedded
             and next_round - (self.step_count + 1) < self.sensitivity_window
         )
-        if wanted and self.layout.track_sensitivity is None:
-            self.layout.sensitivity.zero_()
-        self.layout.track_sensitivity = (
-            (self.config.sensitivity_decay, self.config.sensitivity) if wanted else None
-        )
+        tracker = self._tracker()
+        if wanted and tracker.track_sensitivity is None:
+            tracker.sensitivity.zero_()
+        config = self.config
+        tracker.track_sensitivity = (config.sensitivity_decay, config.sensitivity) if wanted else None
+
+    def _tracker(self) -> "FlatLayout | HookedSensitivity":
+        """Where the sensitivity is tracked: the layout's backward once attached, else the hooks."""
+        return self.hooked if self.hooked is not None else self.layout
 
     # ------------------------------------------------------------------------------------------
     # Phases
@@ -368,25 +385,64 @@ class STDET:
             fit = shared[0]
         self.recorder = None  # the trajectories are not needed any more
         self.references, self.mode = fit.references, fit.mode
-        weights = self.flat_weights()
-        self._attach(fit.num_modes)
-        self._own_reference_gradient()
-        with torch.no_grad():
-            self.refs.copy_(weights[fit.references].to(self.refs.dtype))
-            modes = torch.arange(fit.num_modes, dtype=torch.uint8)
-            ones, zeros = torch.ones(fit.num_modes), torch.zeros(fit.num_modes)
-            self.layout.edit(fit.references, modes, a=ones, b=zeros, optimizer=self.optimizer)
-        # From here on only the FREE elements' fits are kept.
-        self.refit = OnlineRefit(fit).to(self.layout.free_values.device)
-        self.refit.remap(torch.ones(self.elements, dtype=torch.bool), self._free_mask())
+        # Every element is FREE until the first round: the model stays as it is (see the module
+        # docstring), the refit follows every element.
+        self.refit = OnlineRefit(fit).to(self._device())
+        self.hooked = HookedSensitivity(self._layer_tensors())
         if self.sma is not None:
             self.sma.references = self.references
+        self.phase = "embedding"
+        self.last_round = self.step_count
+        log.info("stdet: step %d: %d modes fitted", self.step_count, fit.num_modes)
+        self.history.append({"step": self.step_count, "event": "fit", "modes": fit.num_modes})
+        self._track_sensitivity()
+
+    def _layer_tensors(self) -> list[nn.Parameter]:
+        return [self.model.get_parameter(name) for name in self.names]
+
+    def _device(self) -> torch.device:
+        return self.model.get_parameter(self.names[0]).device
+
+    def _layer_weights(self) -> torch.Tensor:
+        """Before attaching: every embeddable element's weight, flat, float32, on the model's device."""
+        return torch.cat([t.detach().reshape(-1).float() for t in self._layer_tensors()])
+
+    @torch.no_grad()
+    def _attach_for_the_first_round(self) -> None:
+        """Lay the model out flat (all FREE; the optimizer's state and the hooks' sensitivity move
+        over), then embed each mode's reference element in its mode with ``a = 1, b = 0``: ``refs`` take
+        its value and its per-element optimizer state (its moments carry on rather than restarting
+        from zero at a late step)."""
+        num_modes = self.num_modes
+        tracking, sensitivity = self.hooked.track_sensitivity, self.hooked.sensitivity
+        self.hooked.remove()
+        self.hooked = None
+        self._attach(num_modes)
+        free_mask = self._free_mask()  # all but a masked layer's masked-out elements (DUMMY)
+        self.refit.remap(torch.ones(self.elements, dtype=torch.bool), free_mask)
+        self.layout.sensitivity = sensitivity[free_mask.to(sensitivity.device)].clone()
+        self.layout.track_sensitivity = tracking
+        free = (self.layout.code == FREE).to(torch.int64)
+        positions = (free.cumsum(0) - 1)[self.references.to(free.device)]  # in free_values
+        values = self.layout.free_values
+        self.refs.copy_(values[positions].to(self.refs.dtype))
+        refs_state = self.optimizer.state[self.refs]
+        for key, value in self.optimizer.state.get(values, {}).items():
+            if not isinstance(value, torch.Tensor):
+                refs_state[key] = value
+            elif value.dim() > 0 and value.numel() == values.numel():
+                refs_state[key] = value[positions].to(self.refs.dtype)
+            else:  # a scalar tensor (Adam's step): the same count for both
+                refs_state[key] = value.clone()
+        modes = torch.arange(num_modes, dtype=torch.uint8)
+        ones, zeros = torch.ones(num_modes), torch.zeros(num_modes)
+        self.layout.edit(self.references, modes, a=ones, b=zeros, optimizer=self.optimizer)
+        self.refit.remap(free_mask, self._free_mask())
+        self._own_reference_gradient()
         if self.config.accelerate_every:
             self.trajectory = RefTrajectory(self.config.accelerate_every, self.refs)
-        self.last_round = self.step_count
-        log.info("stdet: step %d: %d modes fitted, model attached", self.step_count, fit.num_modes)
-        self.history.append({"step": self.step_count, "event": "attach", "modes": fit.num_modes})
-        self._track_sensitivity()
+        log.info("stdet: step %d: model attached", self.step_count)
+        self.history.append({"step": self.step_count, "event": "attach", "modes": num_modes})
 
     def _own_reference_gradient(self) -> None:
         """``ref_grad="own"``: the layout gives each reference its own element's gradient only."""
@@ -400,7 +456,10 @@ class STDET:
         if self.layout.attached:
             self.layout.release_all(self.optimizer)
             self.layout.track_sensitivity = None
-            self.refit = None
+        if self.hooked is not None:
+            self.hooked.remove()
+            self.hooked = None
+        self.refit = None
         self.recorder, self.pending, self.trajectory, self.phase = None, None, None, "released"
         if self.sma is not None and self.config.sma_restart:
             self.sma.restart()
@@ -417,6 +476,12 @@ class STDET:
         return sensitivity.float().cpu()
 
     def _round(self) -> None:
+        if not self.layout.attached:
+            count = self.policy.count(self.elements - self.num_modes, self.elements, self.rate)
+            if count <= 0:
+                self.last_round = self.step_count
+                return
+            self._attach_for_the_first_round()
         free_mask = self._free_mask()
         free = free_mask.nonzero().flatten()
         count = self.policy.count(free.numel(), self.elements, self.rate)
@@ -609,7 +674,9 @@ class STDET:
             "mode": self.mode,
             "refit": None if self.refit is None else self.refit.state_dict(),
             "code": self.layout.code.clone() if self.layout.attached else None,
-            "track_sensitivity": self.layout.track_sensitivity,
+            "track_sensitivity": self._tracker().track_sensitivity,
+            # Fitted, not attached yet: the hooks' sensitivity (attached, the layout's buffer holds it).
+            "sensitivity": None if self.hooked is None else self.hooked.sensitivity.cpu().clone(),
             "sma": None if self.sma is None else self.sma.state_dict(),
             "trajectory": None if self.trajectory is None else self.trajectory.state_dict(),
         }
@@ -654,17 +721,31 @@ class STDET:
             return
         self.recorder = None
         self.references, self.mode = state["references"], state["mode"]
-        if state["phase"] == "released" and state["references"] is None:  # released in the warm-up
-            self.phase = "released"
+        if self.hooked is not None:
+            self.hooked.remove()
+            self.hooked = None
+        refit = state["refit"]
+        if self.sma is not None and self.references is not None:
+            self.sma.references = self.references
+        if state["code"] is None:  # saved before the first round attached the model (or released)
+            if self.layout.attached:
+                raise RuntimeError(
+                    "state: saved before the model was attached, but this model is attached already; "
+                    "load it into a new model with a new STDET"
+                )
+            self.phase = state["phase"]
+            self.refit = None if refit is None else OnlineRefit.from_state_dict(refit).to(self._device())
+            if self.phase == "embedding":
+                self.hooked = HookedSensitivity(self._layer_tensors())
+                self.hooked.sensitivity.copy_(state["sensitivity"])
+                self.hooked.track_sensitivity = state["track_sensitivity"]
             return
-        if self.phase == "warmup":
+        if not self.layout.attached:
             self._attach(self.num_modes)
         self.phase = state["phase"]
         self.refit = None
-        if state["refit"] is not None:
-            self.refit = OnlineRefit.from_state_dict(state["refit"]).to(self.layout.free_values.device)
-        if self.sma is not None:
-            self.sma.references = self.references
+        if refit is not None:
+            self.refit = OnlineRefit.from_state_dict(refit).to(self.layout.free_values.device)
         self.trajectory = None
         if self.config.accelerate_every and self.phase == "embedding":
             self.trajectory = RefTrajectory(self.config.accelerate_every, self.refs)
