@@ -203,6 +203,111 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_backward(const at::Tensor& grad,
   return {grad_value, sum_partials(partials, num_chunks, refs)};
 }
 
+// The online refit's running moments (Welford), one snapshot in place: delta = w - mean,
+// mean += delta * inv_count, moment2 += delta * (w - mean), comoment += delta * ref_deviation[mode]
+// (with modes). One pass over memory instead of a pass per operation; each product and sum rounded
+// once (no contraction: -ffp-contract=off), as in the reference.
+template <typename scalar_t>
+void refit_update_range(const scalar_t* __restrict__ values, float* __restrict__ mean,
+                        float* __restrict__ moment2, float* __restrict__ comoment,
+                        const uint8_t* __restrict__ mode, const float* __restrict__ deviation,
+                        bool with_modes, float inv_count, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float w = static_cast<float>(values[i]);
+    const float delta = w - mean[i];
+    const float updated = mean[i] + delta * inv_count;
+    mean[i] = updated;
+    moment2[i] = moment2[i] + delta * (w - updated);
+    if (with_modes) comoment[i] = comoment[i] + delta * deviation[mode[i]];
+  }
+}
+
+void refit_update_(const at::Tensor& values, at::Tensor mean, at::Tensor moment2,
+                   at::Tensor comoment, const at::Tensor& mode, const at::Tensor& ref_deviation,
+                   int64_t count) {
+  check_contiguous_cpu(values, "values");
+  for (const at::Tensor* t : {&mean, &moment2, &comoment}) {
+    check_contiguous_cpu(*t, "moments");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == values.numel(),
+                "moments: expected float32 tensors of values' size");
+  }
+  check_contiguous_cpu(mode, "mode");
+  check_contiguous_cpu(ref_deviation, "ref_deviation");
+  TORCH_CHECK(mode.scalar_type() == at::kByte && mode.numel() == values.numel(),
+              "mode: expected uint8 of values' size");
+  TORCH_CHECK(ref_deviation.scalar_type() == at::kFloat && ref_deviation.numel() <= 256,
+              "ref_deviation: expected float32, at most 256 modes");
+  TORCH_CHECK(count >= 1, "count: expected at least 1");
+  const bool with_modes = ref_deviation.numel() > 0;
+  // A table of 256 entries: a mode past the references' reads 0 (the Python layer checks the
+  // modes' range; this only keeps memory safe).
+  std::array<float, 256> table{};
+  for (int64_t m = 0; m < ref_deviation.numel(); ++m) table[m] = ref_deviation.data_ptr<float>()[m];
+  const float inv_count = static_cast<float>(1.0 / static_cast<double>(count));
+  float* mean_p = mean.data_ptr<float>();
+  float* moment2_p = moment2.data_ptr<float>();
+  float* comoment_p = comoment.data_ptr<float>();
+  const uint8_t* mode_p = mode.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "refit_update_",
+                                  [&] {
+    const scalar_t* values_p = values.data_ptr<scalar_t>();
+    at::parallel_for(0, values.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      refit_update_range<scalar_t>(values_p, mean_p, moment2_p, comoment_p, mode_p, table.data(),
+                                   with_modes, inv_count, begin, end);
+    });
+  });
+}
+
+// The sensitivity's running mean at every element of dense tensors (a model's layers before STDET
+// lays it out): sensitivities[k] = decay * s + (1 - decay) * score, score |g * v| or g^2 (fisher),
+// the arithmetic of the fused backward's update at its FREE elements; one parallel region over all
+// the tensors' elements.
+void sensitivity_update_(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& values,
+                         std::vector<at::Tensor> sensitivities, double decay, bool fisher) {
+  TORCH_CHECK(grads.size() == values.size() && grads.size() == sensitivities.size(),
+              "grads, values, sensitivities: expected lists of one length");
+  struct Piece {
+    size_t tensor;
+    int64_t begin;
+    int64_t end;
+  };
+  std::vector<Piece> pieces;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    check_contiguous_cpu(grads[k], "grads");
+    check_contiguous_cpu(values[k], "values");
+    check_contiguous_cpu(sensitivities[k], "sensitivities");
+    TORCH_CHECK(sensitivities[k].scalar_type() == at::kFloat, "sensitivities: expected float32");
+    TORCH_CHECK(grads[k].scalar_type() == grads[0].scalar_type() &&
+                    values[k].scalar_type() == grads[0].scalar_type() &&
+                    values[k].numel() == grads[k].numel() &&
+                    sensitivities[k].numel() == grads[k].numel(),
+                "grads[", k, "], values[", k, "], sensitivities[", k,
+                "]: expected one size, grads and values one dtype");
+    for (int64_t begin = 0; begin < grads[k].numel(); begin += kGrain) {
+      pieces.push_back({k, begin, std::min(grads[k].numel(), begin + kGrain)});
+    }
+  }
+  if (pieces.empty()) return;
+  const float keep = static_cast<float>(decay);
+  const float complement = static_cast<float>(1.0 - decay);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(),
+                                  "sensitivity_update_", [&] {
+    at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t first, int64_t last) {
+      for (int64_t p = first; p < last; ++p) {
+        const Piece& piece = pieces[p];
+        const scalar_t* g = grads[piece.tensor].data_ptr<scalar_t>();
+        const scalar_t* v = values[piece.tensor].data_ptr<scalar_t>();
+        float* s = sensitivities[piece.tensor].data_ptr<float>();
+        for (int64_t i = piece.begin; i < piece.end; ++i) {
+          const float score =
+              stdet::sensitivity_score(static_cast<float>(g[i]), static_cast<float>(v[i]), fisher);
+          s[i] = stdet::running_mean(s[i], score, keep, complement);
+        }
+      }
+    });
+  });
+}
+
 // averages[k] += alpha * (samples[k] - averages[k]) for every k, in one parallel region over all
 // the tensors' elements.
 void lerp_(std::vector<at::Tensor> averages, const std::vector<at::Tensor>& samples,
@@ -896,6 +1001,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reconstruct_sma_", &reconstruct_sma_, "reconstruct, and sma += alpha * (w - sma)");
   m.def("reconstruct_backward", &reconstruct_backward, "(dL/dvalue, dL/drefs) from dL/dw");
   m.def("lerp_", &lerp_, "averages[k] += alpha * (samples[k] - averages[k])");
+  m.def("refit_update_", &refit_update_, "one snapshot into the online refit's running moments");
+  m.def("sensitivity_update_", &sensitivity_update_,
+        "the sensitivity's running mean at every element of dense tensors");
   m.def("reconstruct_compact", &reconstruct_compact, "reconstruct, compact layout");
   m.def("set_simd", &set_simd,
         "switch the AVX2 paths on (where the CPU has AVX2) or off; returns the previous setting");

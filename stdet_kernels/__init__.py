@@ -22,9 +22,10 @@ from .compact import (
     reconstruct_compact_backward_sensitivity_,
     reconstruct_compact_pieces,
     reconstruct_compact_sma_,
+    sensitivity_update_,
     unpack,
 )
-from .ops import lerp_, reconstruct, reconstruct_sma_
+from .ops import lerp_, reconstruct, reconstruct_sma_, refit_update_
 from .reference import DUMMY, FREE
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "reconstruct_sma_",
     "record_calls",
     "reference",
+    "refit_update_",
+    "sensitivity_update_",
     "unavailable_reasons",
     "unpack",
     "use_backend",

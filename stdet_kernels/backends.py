@@ -1,7 +1,9 @@
 """Which implementation runs an op: discovery, default order, forcing one, and telling which ran.
 
-Four backends implement the same four functions (`reconstruct`, `reconstruct_sma_`,
-`reconstruct_backward`, `lerp_`) on contiguous, validated tensors:
+Four backends implement the same functions (`reconstruct`, `reconstruct_sma_`,
+`reconstruct_backward`, `lerp_`, their compact-layout versions) on contiguous, validated tensors
+(`refit_update_`, the online refit's moments, only ``cpp`` and ``torch``: on a GPU the reference's
+element-wise torch ops are what a kernel would be):
 
 - ``cuda``: the CUDA extension (stdet_kernels._C_cuda), CUDA tensors;
 - ``triton``: Triton kernels, CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;

@@ -29,6 +29,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from . import backends
 from .ops import (
     FLOAT_DTYPES,
     MAX_MODES,
@@ -571,3 +572,78 @@ def reconstruct_compact_backward_sensitivity_(
     return _reconstruct_compact_backward_sensitivity_op(
         grad, free_values, code, offsets, a, refs, sensitivity, decay, measure
     )
+
+
+@torch.library.custom_op("stdet::sensitivity_update_", mutates_args=("sensitivities",))
+def _sensitivity_update_op(
+    grads: list[Tensor], values: list[Tensor], sensitivities: list[Tensor], decay: float, fisher: bool
+) -> None:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for k, grad in enumerate(grads):
+        groups.setdefault((grad.device, grad.dtype), []).append(k)
+    for (device, _), members in groups.items():
+        targets = [sensitivities[k].contiguous() for k in members]
+        backends.select(device, "sensitivity_update_")(
+            [grads[k].contiguous() for k in members], [values[k].contiguous() for k in members], targets,
+            decay, fisher,
+        )  # fmt: skip
+        for k, target in zip(members, targets, strict=True):
+            if target is not sensitivities[k]:
+                sensitivities[k].copy_(target)
+
+
+@_sensitivity_update_op.register_fake
+def _(grads, values, sensitivities, decay, fisher) -> None:
+    return None
+
+
+def sensitivity_update_(
+    sensitivities: list[Tensor],
+    grads: list[Tensor],
+    values: list[Tensor],
+    decay: float,
+    measure: str = DEFAULT_MEASURE,
+) -> None:
+    """STDET's sensitivity at every element of dense tensors, in place, one launch for all of them:
+    ``sensitivities[k] = decay * sensitivities[k] + (1 - decay) * score`` with score ``|g * v|``
+    ("taylor") or ``g * g`` ("fisher") of ``grads[k]`` and ``values[k]``, the arithmetic of
+    `reconstruct_compact_backward_sensitivity_` at its FREE elements. For a model's layers before it
+    is laid out (`stdet.sensitivity`: one gradient hook over all of them).
+
+    ``grads[k]`` and ``values[k]`` share shape, dtype and device; ``sensitivities[k]`` is float32 of
+    their shape and device, and not a tensor autograd tracks.
+    """
+    for name, seq in (("sensitivities", sensitivities), ("grads", grads), ("values", values)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name}: expected a list of tensors, got {type(seq).__name__}")
+    if not len(sensitivities) == len(grads) == len(values):
+        raise ValueError(
+            f"grads, values: expected {len(sensitivities)} tensors each (one per sensitivity), got "
+            f"{len(grads)} and {len(values)}"
+        )
+    for k, (sensitivity, grad, value) in enumerate(zip(sensitivities, grads, values, strict=True)):
+        _check_tensor(f"grads[{k}]", grad)
+        _check_tensor(f"values[{k}]", value)
+        _check_tensor(f"sensitivities[{k}]", sensitivity)
+        _check_dtype(f"grads[{k}]", grad, FLOAT_DTYPES)
+        _check_dtype(f"sensitivities[{k}]", sensitivity, (torch.float32,))
+        for name, t in ((f"values[{k}]", value), (f"sensitivities[{k}]", sensitivity)):
+            if t.shape != grad.shape or t.device != grad.device:
+                raise ValueError(
+                    f"{name}: expected shape {tuple(grad.shape)} on {grad.device} (those of grads[{k}]), "
+                    f"got {tuple(t.shape)} on {t.device}"
+                )
+        if value.dtype != grad.dtype:
+            raise TypeError(
+                f"values[{k}]: expected dtype {grad.dtype} (that of grads[{k}]), got {value.dtype}"
+            )
+        if sensitivity.requires_grad:
+            raise ValueError(f"sensitivities[{k}]: expected a tensor that does not require grad (a buffer)")
+    if not isinstance(measure, str):
+        raise TypeError(f"measure: expected a str, got {type(measure).__name__}")
+    if measure not in MEASURES:
+        raise ValueError(f"measure: expected one of {MEASURES}, got {measure!r}")
+    decay = _check_decay(decay)
+    if grads:
+        values = [value.detach() for value in values]
+        _sensitivity_update_op(list(grads), values, list(sensitivities), decay, measure == "fisher")

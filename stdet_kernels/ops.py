@@ -118,6 +118,7 @@ class CheckCache:
 
 
 _checked_codes = CheckCache()
+_checked_modes = CheckCache()
 
 
 def check_code_modes(code: Tensor, num_modes: int) -> None:
@@ -132,6 +133,15 @@ def check_code_modes(code: Tensor, num_modes: int) -> None:
             f"(valid codes: 0..{num_modes - 1}, {DUMMY} = DUMMY, {FREE} = FREE)"
         )
     _checked_codes.remember(code, token=num_modes)
+
+
+def _check_modes(mode: Tensor, num_modes: int) -> None:
+    """Every element's mode must be one of the `num_modes` (cached per version of `mode`)."""
+    if _checked_modes.passed(mode, token=num_modes):
+        return
+    if mode.numel() and int(mode.max()) >= num_modes:
+        raise ValueError(f"mode: expected modes below {num_modes}, got {int(mode.max())}")
+    _checked_modes.remember(mode, token=num_modes)
 
 
 def run_kernel(
@@ -295,3 +305,70 @@ def lerp_(averages: list[Tensor], samples: list[Tensor], alpha: float) -> None:
     alpha = _check_alpha(alpha)
     if averages:
         _lerp_op(list(averages), list(samples), alpha)
+
+
+@torch.library.custom_op("stdet::refit_update_", mutates_args=("mean", "moment2", "comoment"))
+def _refit_update_op(
+    values: Tensor,
+    mean: Tensor,
+    moment2: Tensor,
+    comoment: Tensor,
+    mode: Tensor,
+    ref_deviation: Tensor,
+    count: int,
+) -> None:
+    contiguous = tuple(t.contiguous() for t in (mean, moment2, comoment))
+    select(values.device, "refit_update_")(
+        values.contiguous(), *contiguous, mode.contiguous(), ref_deviation.contiguous(), count
+    )
+    for given, written in zip((mean, moment2, comoment), contiguous, strict=True):
+        if written is not given:
+            given.copy_(written)
+
+
+@_refit_update_op.register_fake
+def _(values, mean, moment2, comoment, mode, ref_deviation, count) -> None:
+    return None
+
+
+def refit_update_(
+    values: Tensor,
+    mean: Tensor,
+    moment2: Tensor,
+    comoment: Tensor,
+    mode: Tensor,
+    ref_deviation: Tensor,
+    count: int,
+) -> None:
+    """One snapshot into the online refit's running moments (Welford), in place, in one pass:
+    ``delta = values - mean``; ``mean += delta * (1 / count)``; ``moment2 += delta * (values - mean)``;
+    ``comoment += delta * ref_deviation[mode]`` where there are modes (``ref_deviation`` not empty).
+
+    `values`: the tracked elements' values (float32, bfloat16 or float16; arithmetic is float32);
+    `mean`, `moment2`, `comoment`: float32 of values' shape; `mode`: uint8 of values' shape, each
+    element's mode (< the number of modes); `ref_deviation`: float32, each reference's value minus
+    its updated mean; `count`: the number of snapshots, this one included. The C++ backend makes one
+    pass over memory where the torch reference (every other device) makes one per operation.
+    """
+    for name, t in (("values", values), ("mean", mean), ("moment2", moment2), ("comoment", comoment),
+                    ("mode", mode), ("ref_deviation", ref_deviation)):  # fmt: skip
+        _check_tensor(name, t)
+    _check_dtype("values", values, FLOAT_DTYPES)
+    for name, t in (("mean", mean), ("moment2", moment2), ("comoment", comoment)):
+        _check_dtype(name, t, (torch.float32,))
+        _check_like(name, t, "values", values, dtype=False)
+    _check_dtype("mode", mode, (torch.uint8,))
+    _check_like("mode", mode, "values", values, dtype=False)
+    _check_dtype("ref_deviation", ref_deviation, (torch.float32,))
+    if ref_deviation.dim() != 1 or ref_deviation.device != values.device:
+        raise ValueError(
+            f"ref_deviation: expected a 1-D tensor on {values.device} (one entry per mode), got shape "
+            f"{tuple(ref_deviation.shape)} on {ref_deviation.device}"
+        )
+    if ref_deviation.numel() > MAX_MODES:
+        raise ValueError(f"ref_deviation: expected at most {MAX_MODES} modes, got {ref_deviation.numel()}")
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+        raise ValueError(f"count: expected an integer of at least 1, got {count!r}")
+    if ref_deviation.numel() and not torch.compiler.is_compiling():
+        _check_modes(mode, ref_deviation.numel())
+    _refit_update_op(values, mean, moment2, comoment, mode, ref_deviation, int(count))

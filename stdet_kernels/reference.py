@@ -86,6 +86,28 @@ def reconstruct_backward(
     return grad_value, grad_refs.to(refs.dtype)
 
 
+def refit_update_(
+    values: torch.Tensor,
+    mean: torch.Tensor,
+    moment2: torch.Tensor,
+    comoment: torch.Tensor,
+    mode: torch.Tensor,
+    ref_deviation: torch.Tensor,
+    count: int,
+) -> None:
+    """One snapshot into the online refit's running moments (Welford), in place, float32:
+    ``delta = values - mean``, ``mean += delta * (1 / count)``, ``moment2 += delta * (values - mean)``
+    and, with modes (``ref_deviation`` not empty), ``comoment += delta * ref_deviation[mode]``, where
+    ``ref_deviation`` is each reference's value minus its own updated mean. Each product and each sum
+    rounded once, in this order."""
+    w = values.float()
+    delta = w - mean
+    mean.add_(delta * (1.0 / count))
+    moment2.add_(delta * (w - mean))
+    if ref_deviation.numel():
+        comoment.add_(delta * ref_deviation[mode.long()])
+
+
 def lerp_(averages: list[torch.Tensor], samples: list[torch.Tensor], alpha: float) -> None:
     """averages[k] += alpha * (samples[k] - averages[k]) for every k (float32 arithmetic)."""
     for average, sample in zip(averages, samples, strict=True):
@@ -204,6 +226,24 @@ def reconstruct_compact_backward_sensitivity_(
     complement = torch.tensor(1.0 - decay, dtype=torch.float32, device=sensitivity.device)
     sensitivity.copy_(keep * sensitivity + complement * score)
     return grad_free, grad_refs
+
+
+def sensitivity_update_(
+    grads: list[torch.Tensor],
+    values: list[torch.Tensor],
+    sensitivities: list[torch.Tensor],
+    decay: float,
+    fisher: bool,
+) -> None:
+    """The sensitivity's running mean at every element of dense tensors, in place, with the
+    arithmetic of `reconstruct_compact_backward_sensitivity_` at its FREE elements (score ``|g * v|``,
+    or ``g * g`` when `fisher`)."""
+    for grad, value, sensitivity in zip(grads, values, sensitivities, strict=True):
+        g = grad.reshape(-1).float()
+        score = g * g if fisher else (g * value.reshape(-1).float()).abs()
+        keep = torch.tensor(decay, dtype=torch.float32, device=sensitivity.device)
+        complement = torch.tensor(1.0 - decay, dtype=torch.float32, device=sensitivity.device)
+        sensitivity.copy_((keep * sensitivity.reshape(-1) + complement * score).view_as(sensitivity))
 
 
 def concatenated(pieces: list[torch.Tensor], sizes: list[int], shape) -> torch.Tensor:
