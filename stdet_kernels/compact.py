@@ -647,3 +647,18 @@ def sensitivity_update_(
     if grads:
         values = [value.detach() for value in values]
         _sensitivity_update_op(list(grads), values, list(sensitivities), decay, measure == "fisher")
+
+
+def sensitivity_update_unchecked_(
+    sensitivity: Tensor, grad: Tensor, value: Tensor, decay: float, fisher: bool
+) -> None:
+    """`sensitivity_update_` of one tensor without the checks and the custom op's dispatch, eager
+    only: for gradient hooks whose tensors were checked once when they were registered. Called once
+    per layer per backward, the dispatch cost more than the kernel (mbt2018-mean's 28 layers, 2 CPU
+    threads: about 6 ms against 1.5 ms per backward)."""
+    target = sensitivity.contiguous()
+    backends.select(grad.device, "sensitivity_update_")(
+        [grad.contiguous()], [value.contiguous()], [target], decay, fisher
+    )
+    if target is not sensitivity:
+        sensitivity.copy_(target)
