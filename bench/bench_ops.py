@@ -1,6 +1,8 @@
 """Microbenchmarks of the ops (pytest-benchmark): reconstruct forward, backward, reconstruct_sma_, the
-compact layout's backward fused with the sensitivity update (compact_backward_sensitivity_), and the
-same from the layers' gradients read in place (compact_backward_pieces_sensitivity_: 16 pieces).
+compact layout's backward fused with the sensitivity update (compact_backward_sensitivity_), the
+same from the layers' gradients read in place (compact_backward_pieces_sensitivity_: 16 pieces), the
+online refit's moment update (refit_update_) and the sensitivity of dense tensors before the model is
+laid out (sensitivity_update_: 16 tensors, one launch).
 
 Providers: ``cpp`` (the C++ backend through the public API), ``torch`` (the eager reference),
 ``torch_compile`` (torch.compile of the reference) and ``copy`` (``dst.copy_(src)`` moving the same
@@ -28,6 +30,8 @@ OPS = (
     "reconstruct_sma_",
     "compact_backward_sensitivity_",
     "compact_backward_pieces_sensitivity_",
+    "refit_update_",
+    "sensitivity_update_",
 )
 PIECES = 16
 PROVIDERS = ("cpp", "cpp_unfused", "torch", "torch_compile", "copy")
@@ -40,6 +44,9 @@ BYTES_PER_ELEMENT = {
     # dL/dfree_values and sensitivity (the FREE half)
     "compact_backward_sensitivity_": 4 + 1 + (4 + 4 + 4 + 4 + 4) // 2,
     "compact_backward_pieces_sensitivity_": 4 + 1 + (4 + 4 + 4 + 4 + 4) // 2,
+    # read values, mean, moment2, comoment, mode; write mean, moment2, comoment
+    "refit_update_": 4 * 4 + 1 + 4 * 3,
+    "sensitivity_update_": 4 * 3 + 4,  # read grad, value, sensitivity; write sensitivity
 }
 ROUNDS = {10**5: 200, 10**6: 40, 10**7: 20}
 NUM_MODES = 10
@@ -108,6 +115,8 @@ def _operation(op: str, provider: str, x: dict[str, torch.Tensor]):
         name = "reconstruct_compact_backward_pieces_sensitivity_"
         function = getattr(reference, name) if provider == "torch" else _compiled_reference(name)
         return lambda: function(pieces, sizes, *layout, 0.9, False)
+    if op in ("refit_update_", "sensitivity_update_"):
+        return _dense_update(op, provider, x)
     if op == "compact_backward_sensitivity_":
         compact = _compact(x)
         if provider == "cpp":
@@ -132,6 +141,28 @@ def _operation(op: str, provider: str, x: dict[str, torch.Tensor]):
     }
     name, call_args = functions[op]
     function = getattr(reference, name) if provider == "torch" else _compiled_reference(name)
+    return lambda: function(*call_args)
+
+
+def _dense_update(op: str, provider: str, x: dict[str, torch.Tensor]):
+    """refit_update_ (10 modes) or sensitivity_update_ (the elements in PIECES tensors)."""
+    if provider == "cpp_unfused":
+        pytest.skip("cpp_unfused: only for the fused backwards")
+    n = x["value"].numel()
+    if op == "refit_update_":
+        moments = [x["a"].clone(), x["b"].abs(), x["sma"].clone()]
+        mode = (x["code"] % NUM_MODES).to(torch.uint8)
+        call_args = (x["value"], *moments, mode, x["refs"], 5)
+        if provider == "cpp":
+            return lambda: stdet_kernels.refit_update_(*call_args)
+    else:
+        sizes = [n // PIECES + (k < n % PIECES) for k in range(PIECES)]
+        grads, values = list(x["grad"].split_with_sizes(sizes)), list(x["value"].split_with_sizes(sizes))
+        running = list(x["sma"].abs().split_with_sizes(sizes))
+        if provider == "cpp":
+            return lambda: stdet_kernels.sensitivity_update_(running, grads, values, 0.9)
+        call_args = (grads, values, running, 0.9, False)
+    function = getattr(reference, op) if provider == "torch" else _compiled_reference(op)
     return lambda: function(*call_args)
 
 

@@ -313,13 +313,13 @@ def _refit_update_op(
     mean: Tensor,
     moment2: Tensor,
     comoment: Tensor,
-    mode: Tensor,
+    element_mode: Tensor,  # (not "mode": torch's fake-mode dispatch takes that keyword)
     ref_deviation: Tensor,
     count: int,
 ) -> None:
     contiguous = tuple(t.contiguous() for t in (mean, moment2, comoment))
     select(values.device, "refit_update_")(
-        values.contiguous(), *contiguous, mode.contiguous(), ref_deviation.contiguous(), count
+        values.contiguous(), *contiguous, element_mode.contiguous(), ref_deviation.contiguous(), count
     )
     for given, written in zip((mean, moment2, comoment), contiguous, strict=True):
         if written is not given:
@@ -327,7 +327,7 @@ def _refit_update_op(
 
 
 @_refit_update_op.register_fake
-def _(values, mean, moment2, comoment, mode, ref_deviation, count) -> None:
+def _(values, mean, moment2, comoment, element_mode, ref_deviation, count) -> None:
     return None
 
 

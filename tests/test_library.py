@@ -52,6 +52,26 @@ def test_opcheck_lerp(backend: str) -> None:
         torch.library.opcheck(torch.ops.stdet.lerp_.default, (averages, samples, 0.5))
 
 
+def test_opcheck_refit_update(backend: str) -> None:
+    values = torch.randn(37)
+    moments = [torch.randn(37), torch.rand(37), torch.randn(37)]
+    mode = torch.randint(0, 3, (37,), dtype=torch.uint8)
+    with stdet_kernels.use_backend(backend):
+        torch.library.opcheck(
+            torch.ops.stdet.refit_update_.default, (values, *moments, mode, torch.randn(3), 4)
+        )
+
+
+def test_opcheck_sensitivity_update(backend: str) -> None:
+    grads = [torch.randn(5), torch.randn(3, 2)]
+    values = [torch.randn(5), torch.randn(3, 2)]
+    running = [torch.rand(5), torch.rand(3, 2)]
+    with stdet_kernels.use_backend(backend):
+        torch.library.opcheck(
+            torch.ops.stdet.sensitivity_update_.default, (grads, values, running, 0.9, False)
+        )
+
+
 class _EmbeddedLinear(torch.nn.Module):
     """A linear layer whose weight is a STDET reconstruction, optionally sampled into an SMA average."""
 
