@@ -258,6 +258,20 @@ void refit_update_(const at::Tensor& values, at::Tensor mean, at::Tensor moment2
   });
 }
 
+// A grain of a multi-tensor op: elements [begin, end) of tensor `tensor` of the op's lists. The
+// grains of all the tensors make one parallel region.
+struct Piece {
+  size_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+void add_pieces(std::vector<Piece>& pieces, size_t tensor, int64_t numel) {
+  for (int64_t begin = 0; begin < numel; begin += kGrain) {
+    pieces.push_back({tensor, begin, std::min(numel, begin + kGrain)});
+  }
+}
+
 // The sensitivity's running mean at every element of dense tensors (a model's layers before STDET
 // lays it out): sensitivities[k] = decay * s + (1 - decay) * score, score |g * v| or g^2 (fisher),
 // the arithmetic of the fused backward's update at its FREE elements; one parallel region over all
@@ -266,11 +280,6 @@ void sensitivity_update_(const std::vector<at::Tensor>& grads, const std::vector
                          std::vector<at::Tensor> sensitivities, double decay, bool fisher) {
   TORCH_CHECK(grads.size() == values.size() && grads.size() == sensitivities.size(),
               "grads, values, sensitivities: expected lists of one length");
-  struct Piece {
-    size_t tensor;
-    int64_t begin;
-    int64_t end;
-  };
   std::vector<Piece> pieces;
   for (size_t k = 0; k < grads.size(); ++k) {
     check_contiguous_cpu(grads[k], "grads");
@@ -283,9 +292,7 @@ void sensitivity_update_(const std::vector<at::Tensor>& grads, const std::vector
                     sensitivities[k].numel() == grads[k].numel(),
                 "grads[", k, "], values[", k, "], sensitivities[", k,
                 "]: expected one size, grads and values one dtype");
-    for (int64_t begin = 0; begin < grads[k].numel(); begin += kGrain) {
-      pieces.push_back({k, begin, std::min(grads[k].numel(), begin + kGrain)});
-    }
+    add_pieces(pieces, k, grads[k].numel());
   }
   if (pieces.empty()) return;
   const float keep = static_cast<float>(decay);
@@ -313,11 +320,6 @@ void sensitivity_update_(const std::vector<at::Tensor>& grads, const std::vector
 void lerp_(std::vector<at::Tensor> averages, const std::vector<at::Tensor>& samples,
            double alpha) {
   TORCH_CHECK(averages.size() == samples.size(), "averages, samples: expected lists of one length");
-  struct Piece {
-    size_t tensor;
-    int64_t begin;
-    int64_t end;
-  };
   std::vector<Piece> pieces;
   for (size_t k = 0; k < averages.size(); ++k) {
     check_contiguous_cpu(averages[k], "averages");
@@ -325,9 +327,7 @@ void lerp_(std::vector<at::Tensor> averages, const std::vector<at::Tensor>& samp
     TORCH_CHECK(averages[k].scalar_type() == samples[k].scalar_type() &&
                     averages[k].numel() == samples[k].numel(),
                 "averages[", k, "], samples[", k, "]: expected one dtype and size");
-    for (int64_t begin = 0; begin < averages[k].numel(); begin += kGrain) {
-      pieces.push_back({k, begin, std::min(averages[k].numel(), begin + kGrain)});
-    }
+    add_pieces(pieces, k, averages[k].numel());
   }
   const float alpha_f = static_cast<float>(alpha);
   at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t first, int64_t last) {
