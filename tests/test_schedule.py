@@ -205,6 +205,19 @@ def test_until_the_first_round_the_model_stays_plain_and_its_hooks_track_the_sen
     assert [call[0] for call in calls if call[0] == "sensitivity_update_"] == []
 
 
+@pytest.mark.parametrize("per_tensor", [True, False], ids=["a hook per tensor", "one hook"])
+def test_a_frozen_layer_keeps_a_zero_sensitivity_before_the_first_round(per_tensor) -> None:
+    model, _, st = _setup(stdet.STDETConfig(**CONFIG))
+    frozen = model.get_parameter(st.names[0])
+    frozen.requires_grad_(False)
+    hooked = HookedSensitivity(st._layer_tensors(), per_tensor=per_tensor)
+    hooked.track_sensitivity = (0.5, "taylor")
+    _rd_loss(model, _batch(0)).backward()
+    assert hooked.sensitivity[: frozen.numel()].abs().sum() == 0
+    assert hooked.sensitivity[frozen.numel() :].abs().sum() > 0
+    hooked.remove()
+
+
 def test_a_release_before_the_first_round_leaves_the_plain_model() -> None:
     model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG, release=True))
     _train(model, optimizer, st, range(22))

@@ -49,10 +49,16 @@ class HookedSensitivity:
             self._handles = [
                 tensor.register_hook(partial(self._update_one, tensor, piece))
                 for tensor, piece in zip(self._tensors, self._pieces, strict=True)
+                if tensor.requires_grad  # (a frozen tensor gets no gradient: its sensitivity stays 0)
             ]
         else:
-            hook = torch.autograd.graph.register_multi_grad_hook(self._tensors, self._update_all, mode="all")
-            self._handles = [hook]
+            self._trained = [k for k, tensor in enumerate(self._tensors) if tensor.requires_grad]
+            trained = [self._tensors[k] for k in self._trained]
+            self._handles = (
+                [torch.autograd.graph.register_multi_grad_hook(trained, self._update_all, mode="all")]
+                if trained
+                else []
+            )
 
     def _update_one(self, tensor: Tensor, running: Tensor, grad: Tensor) -> None:
         """One tensor's gradient hook: its scores into the running means, one fused pass."""
@@ -68,7 +74,8 @@ class HookedSensitivity:
         if self.track_sensitivity is None:
             return
         decay, measure = self.track_sensitivity
-        present = [k for k, grad in enumerate(grads) if grad is not None]
+        present = [k for k, grad in zip(self._trained, grads, strict=True) if grad is not None]
+        grads = dict(zip(self._trained, grads, strict=True))
         with torch.no_grad():
             stdet_kernels.sensitivity_update_(
                 [self._pieces[k] for k in present],
