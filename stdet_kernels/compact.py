@@ -29,7 +29,6 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import backends
 from .ops import (
     FLOAT_DTYPES,
     MAX_MODES,
@@ -38,6 +37,8 @@ from .ops import (
     _check_dtype,
     _check_tensor,
     check_code_modes,
+    check_tensor_lists,
+    run_grouped,
     run_kernel,
 )
 from .reference import COMPACT_BLOCK, compact_offsets, pack, unpack
@@ -578,18 +579,7 @@ def reconstruct_compact_backward_sensitivity_(
 def _sensitivity_update_op(
     grads: list[Tensor], values: list[Tensor], sensitivities: list[Tensor], decay: float, fisher: bool
 ) -> None:
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for k, grad in enumerate(grads):
-        groups.setdefault((grad.device, grad.dtype), []).append(k)
-    for (device, _), members in groups.items():
-        targets = [sensitivities[k].contiguous() for k in members]
-        backends.select(device, "sensitivity_update_")(
-            [grads[k].contiguous() for k in members], [values[k].contiguous() for k in members], targets,
-            decay, fisher,
-        )  # fmt: skip
-        for k, target in zip(members, targets, strict=True):
-            if target is not sensitivities[k]:
-                sensitivities[k].copy_(target)
+    run_grouped("sensitivity_update_", (grads, values, sensitivities), 2, decay, fisher)
 
 
 @_sensitivity_update_op.register_fake
@@ -597,25 +587,12 @@ def _(grads, values, sensitivities, decay, fisher) -> None:
     return None
 
 
-def sensitivity_update_(
-    sensitivities: list[Tensor],
-    grads: list[Tensor],
-    values: list[Tensor],
-    decay: float,
-    measure: str = DEFAULT_MEASURE,
+def check_sensitivity_update(
+    sensitivities: list[Tensor], grads: list[Tensor], values: list[Tensor], measure: str = DEFAULT_MEASURE
 ) -> None:
-    """STDET's sensitivity at every element of dense tensors, in place, one launch for all of them:
-    ``sensitivities[k] = decay * sensitivities[k] + (1 - decay) * score`` with score ``|g * v|``
-    ("taylor") or ``g * g`` ("fisher") of ``grads[k]`` and ``values[k]``, the arithmetic of
-    `reconstruct_compact_backward_sensitivity_` at its FREE elements. For a model's layers before it
-    is laid out (`stdet.sensitivity`: one gradient hook over all of them).
-
-    ``grads[k]`` and ``values[k]`` share shape, dtype and device; ``sensitivities[k]`` is float32 of
-    their shape and device, and not a tensor autograd tracks.
-    """
-    for name, seq in (("sensitivities", sensitivities), ("grads", grads), ("values", values)):
-        if not isinstance(seq, (list, tuple)):
-            raise TypeError(f"{name}: expected a list of tensors, got {type(seq).__name__}")
+    """The checks of `sensitivity_update_` but for decay's: also what gradient hooks run once when
+    registered (a gradient has its tensor's shape, dtype and device, so the tensors stand in for it)."""
+    check_tensor_lists(("sensitivities", sensitivities), ("grads", grads), ("values", values))
     if not len(sensitivities) == len(grads) == len(values):
         raise ValueError(
             f"grads, values: expected {len(sensitivities)} tensors each (one per sensitivity), got "
@@ -643,6 +620,25 @@ def sensitivity_update_(
         raise TypeError(f"measure: expected a str, got {type(measure).__name__}")
     if measure not in MEASURES:
         raise ValueError(f"measure: expected one of {MEASURES}, got {measure!r}")
+
+
+def sensitivity_update_(
+    sensitivities: list[Tensor],
+    grads: list[Tensor],
+    values: list[Tensor],
+    decay: float,
+    measure: str = DEFAULT_MEASURE,
+) -> None:
+    """STDET's sensitivity at every element of dense tensors, in place, one launch for all of them:
+    ``sensitivities[k] = decay * sensitivities[k] + (1 - decay) * score`` with score ``|g * v|``
+    ("taylor") or ``g * g`` ("fisher") of ``grads[k]`` and ``values[k]``, the arithmetic of
+    `reconstruct_compact_backward_sensitivity_` at its FREE elements. For a model's layers before it
+    is laid out (`stdet.sensitivity`: one gradient hook over all of them).
+
+    ``grads[k]`` and ``values[k]`` share shape, dtype and device; ``sensitivities[k]`` is float32 of
+    their shape and device, and not a tensor autograd tracks.
+    """
+    check_sensitivity_update(sensitivities, grads, values, measure)
     decay = _check_decay(decay)
     if grads:
         values = [value.detach() for value in values]
@@ -653,12 +649,7 @@ def sensitivity_update_unchecked_(
     sensitivity: Tensor, grad: Tensor, value: Tensor, decay: float, fisher: bool
 ) -> None:
     """`sensitivity_update_` of one tensor without the checks and the custom op's dispatch, eager
-    only: for gradient hooks whose tensors were checked once when they were registered. Called once
-    per layer per backward, the dispatch cost more than the kernel (mbt2018-mean's 28 layers, 2 CPU
-    threads: about 6 ms against 1.5 ms per backward)."""
-    target = sensitivity.contiguous()
-    backends.select(grad.device, "sensitivity_update_")(
-        [grad.contiguous()], [value.contiguous()], [target], decay, fisher
-    )
-    if target is not sensitivity:
-        sensitivity.copy_(target)
+    only: for gradient hooks whose tensors were checked once when they were registered
+    (`check_sensitivity_update`). Called once per layer per backward, the dispatch cost more than the
+    kernel (mbt2018-mean's 28 layers, 2 CPU threads: about 6 ms against 1.5 ms per backward)."""
+    run_grouped("sensitivity_update_", ([grad], [value], [sensitivity]), 2, decay, fisher)

@@ -235,17 +235,31 @@ class _ReconstructSMA(torch.autograd.Function):
         return grad_value, None, None, None, grad_refs, None, None
 
 
+def run_grouped(op: str, lists: tuple[list[Tensor], ...], updated: int, *scalars) -> None:
+    """Run multi-tensor backend kernel `op` once per (device, dtype) group of the first list's
+    tensors, on contiguous tensors (the lists in the kernel's order, then `scalars`); the list at
+    position `updated` is written in place, copied back where it had to be made contiguous."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for k, tensor in enumerate(lists[0]):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(k)
+    for (device, _), members in groups.items():
+        arguments = [[seq[k].contiguous() for k in members] for seq in lists]
+        select(device, op)(*arguments, *scalars)
+        for k, written in zip(members, arguments[updated], strict=True):
+            if written is not lists[updated][k]:
+                lists[updated][k].copy_(written)
+
+
+def check_tensor_lists(*named: tuple[str, object]) -> None:
+    """Each (name, argument) must be a list (or tuple) of tensors' container."""
+    for name, seq in named:
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name}: expected a list of tensors, got {type(seq).__name__}")
+
+
 @torch.library.custom_op("stdet::lerp_", mutates_args=("averages",))
 def _lerp_op(averages: list[Tensor], samples: list[Tensor], alpha: float) -> None:
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for k, average in enumerate(averages):
-        groups.setdefault((average.device, average.dtype), []).append(k)
-    for (device, _), members in groups.items():
-        contiguous = [averages[k].contiguous() for k in members]
-        select(device, "lerp_")(contiguous, [samples[k].contiguous() for k in members], alpha)
-        for k, average in zip(members, contiguous, strict=True):
-            if average is not averages[k]:
-                averages[k].copy_(average)
+    run_grouped("lerp_", (averages, samples), 0, alpha)
 
 
 @_lerp_op.register_fake
@@ -292,9 +306,7 @@ def lerp_(averages: list[Tensor], samples: list[Tensor], alpha: float) -> None:
     For the tensors that are not parametrized (entropy models, GDN, ...). One kernel launch per
     (device, dtype) group, not per tensor. Each sample has its average's shape, dtype and device.
     """
-    for name, seq in (("averages", averages), ("samples", samples)):
-        if not isinstance(seq, (list, tuple)):
-            raise TypeError(f"{name}: expected a list of tensors, got {type(seq).__name__}")
+    check_tensor_lists(("averages", averages), ("samples", samples))
     if len(averages) != len(samples):
         raise ValueError(f"samples: expected {len(averages)} tensors (one per average), got {len(samples)}")
     for k, (average, sample) in enumerate(zip(averages, samples, strict=True)):

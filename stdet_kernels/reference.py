@@ -220,12 +220,20 @@ def reconstruct_compact_backward_sensitivity_(
     1 - decay each rounded once to float32 (1 - decay computed in double).
     """
     grad_free, grad_refs = reconstruct_compact_backward(grad, code, offsets, a, refs)
-    g = grad.reshape(-1)[code.reshape(-1) == FREE].float()
-    score = g * g if fisher else (g * free_values.float()).abs()
+    _running_mean_(sensitivity, grad.reshape(-1)[code.reshape(-1) == FREE], free_values, decay, fisher)
+    return grad_free, grad_refs
+
+
+def _running_mean_(
+    sensitivity: torch.Tensor, grad: torch.Tensor, value: torch.Tensor, decay: float, fisher: bool
+) -> None:
+    """``sensitivity = decay * sensitivity + (1 - decay) * score`` in place (score ``|g * v|``, or
+    ``g * g`` when `fisher`), float32, with decay and 1 - decay each rounded once to float32."""
+    g = grad.reshape(-1).float()
+    score = g * g if fisher else (g * value.reshape(-1).float()).abs()
     keep = torch.tensor(decay, dtype=torch.float32, device=sensitivity.device)
     complement = torch.tensor(1.0 - decay, dtype=torch.float32, device=sensitivity.device)
-    sensitivity.copy_(keep * sensitivity + complement * score)
-    return grad_free, grad_refs
+    sensitivity.copy_((keep * sensitivity.reshape(-1) + complement * score).view_as(sensitivity))
 
 
 def sensitivity_update_(
@@ -239,11 +247,7 @@ def sensitivity_update_(
     arithmetic of `reconstruct_compact_backward_sensitivity_` at its FREE elements (score ``|g * v|``,
     or ``g * g`` when `fisher`)."""
     for grad, value, sensitivity in zip(grads, values, sensitivities, strict=True):
-        g = grad.reshape(-1).float()
-        score = g * g if fisher else (g * value.reshape(-1).float()).abs()
-        keep = torch.tensor(decay, dtype=torch.float32, device=sensitivity.device)
-        complement = torch.tensor(1.0 - decay, dtype=torch.float32, device=sensitivity.device)
-        sensitivity.copy_((keep * sensitivity.reshape(-1) + complement * score).view_as(sensitivity))
+        _running_mean_(sensitivity, grad, value, decay, fisher)
 
 
 def concatenated(pieces: list[torch.Tensor], sizes: list[int], shape) -> torch.Tensor:

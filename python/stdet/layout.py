@@ -280,6 +280,30 @@ class FlatLayout(nn.Module):
         self.repack(dense_value, new_code, dense_a, dense_b, optimizer)
 
     @torch.no_grad()
+    def embed_references(self, references: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Embed each mode's reference element (flat index `references`, FREE until now) in its mode
+        with ``a = 1, b = 0``: ``refs`` take their values and `optimizer`'s state of them (per-element
+        state such as Adam's moments at their places, scalar state such as its step as it is), so
+        their training carries on rather than restarting from zero at a late step."""
+        free = (self.code == FREE).to(torch.int64)
+        positions = (free.cumsum(0) - 1)[references.to(free.device)]  # in free_values
+        self.refs.copy_(self.free_values[positions].to(self.refs.dtype))
+        if optimizer is not None:
+            refs_state = optimizer.state[self.refs]
+            for key, value in optimizer.state.get(self.free_values, {}).items():
+                if self._per_element(value):
+                    refs_state[key] = value[positions].to(self.refs.dtype)
+                else:
+                    refs_state[key] = value.clone() if isinstance(value, Tensor) else value
+        modes = torch.arange(references.numel(), dtype=torch.uint8)
+        ones, zeros = torch.ones(references.numel()), torch.zeros(references.numel())
+        self.edit(references, modes, a=ones, b=zeros, optimizer=optimizer)
+
+    def _per_element(self, value: object) -> bool:
+        """Whether an optimizer-state entry of ``free_values`` holds one entry per FREE element."""
+        return isinstance(value, Tensor) and value.dim() > 0 and value.numel() == self.free_count
+
+    @torch.no_grad()
     def release_all(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Every element becomes FREE with its current value, but the masked-out elements of a
         masked layer, which stay DUMMY (0). The newly FREE elements' per-element
@@ -291,7 +315,7 @@ class FlatLayout(nn.Module):
         means = {
             key: self._tensor_means(tensor, old_code)
             for key, tensor in state.items()
-            if isinstance(tensor, Tensor) and tensor.dim() > 0 and tensor.numel() == self.free_count
+            if self._per_element(tensor)
         }
         value = self.weights().to(self.free_values.dtype)  # every element's current value
         released = self.unmasked_code(torch.full_like(old_code, FREE))

@@ -252,8 +252,8 @@ class OnlineRefit:
             self.ref_mean += delta_r / self.count
             deviation = r - self.ref_mean  # each reference's new deviation, for the co-moments
             self.ref_moment2 += delta_r * deviation
-        mode = self.mode if self.mode.dtype == torch.uint8 else self.mode.to(torch.uint8)
-        stdet_kernels.refit_update_(w, self.mean, self.moment2, self.comoment, mode, deviation, self.count)
+        moments = (self.mean, self.moment2, self.comoment)
+        stdet_kernels.refit_update_(w, *moments, self.mode, deviation, self.count)
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(a, b, R^2) of every tracked element on its reference, over every snapshot so far."""

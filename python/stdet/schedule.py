@@ -216,9 +216,7 @@ class STDET:
     def flat_weights(self) -> torch.Tensor:
         """Every embeddable element's current weight, flat, in the layout's order (float32, CPU)."""
         if not self.layout.attached:
-            return torch.cat(
-                [self.model.get_parameter(n).detach().reshape(-1).float().cpu() for n in self.names]
-            )
+            return self._layer_weights().cpu()
         return self.layout.weights().float().cpu()
 
     def _free_mask(self) -> torch.Tensor:
@@ -359,7 +357,7 @@ class STDET:
     def _attach(self, num_modes: int) -> None:
         """Lay the model out flat; the optimizer trains the layout instead of the layers' tensors."""
         config = self.config
-        params = [self.model.get_parameter(name) for name in self.names]
+        params = self._layer_tensors()
         attach(
             self.model,
             num_modes,
@@ -422,21 +420,7 @@ class STDET:
         self.refit.remap(torch.ones(self.elements, dtype=torch.bool), free_mask)
         self.layout.sensitivity = sensitivity[free_mask.to(sensitivity.device)].clone()
         self.layout.track_sensitivity = tracking
-        free = (self.layout.code == FREE).to(torch.int64)
-        positions = (free.cumsum(0) - 1)[self.references.to(free.device)]  # in free_values
-        values = self.layout.free_values
-        self.refs.copy_(values[positions].to(self.refs.dtype))
-        refs_state = self.optimizer.state[self.refs]
-        for key, value in self.optimizer.state.get(values, {}).items():
-            if not isinstance(value, torch.Tensor):
-                refs_state[key] = value
-            elif value.dim() > 0 and value.numel() == values.numel():
-                refs_state[key] = value[positions].to(self.refs.dtype)
-            else:  # a scalar tensor (Adam's step): the same count for both
-                refs_state[key] = value.clone()
-        modes = torch.arange(num_modes, dtype=torch.uint8)
-        ones, zeros = torch.ones(num_modes), torch.zeros(num_modes)
-        self.layout.edit(self.references, modes, a=ones, b=zeros, optimizer=self.optimizer)
+        self.layout.embed_references(self.references, self.optimizer)
         self.refit.remap(free_mask, self._free_mask())
         self._own_reference_gradient()
         if self.config.accelerate_every:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import stdet_kernels
-from stdet_kernels.compact import sensitivity_update_unchecked_
+from stdet_kernels.compact import check_sensitivity_update, sensitivity_update_unchecked_
 
 
 class HookedSensitivity:
@@ -43,9 +43,8 @@ class HookedSensitivity:
             # Checked once here (a gradient has its tensor's shape, dtype and device): each hook then
             # calls the kernel without the checks and the op's dispatch, which cost more than the
             # kernel when called once per layer.
-            zeros = [torch.zeros_like(t) for t in self._tensors]
-            stdet_kernels.sensitivity_update_(self._pieces, zeros, [t.detach() for t in self._tensors], 0.0)
-            self.sensitivity.zero_()
+            values = [t.detach() for t in self._tensors]
+            check_sensitivity_update(self._pieces, values, values)
             self._handles = [
                 tensor.register_hook(partial(self._update_one, tensor, piece))
                 for tensor, piece in zip(self._tensors, self._pieces, strict=True)
@@ -74,13 +73,12 @@ class HookedSensitivity:
         if self.track_sensitivity is None:
             return
         decay, measure = self.track_sensitivity
-        present = [k for k, grad in zip(self._trained, grads, strict=True) if grad is not None]
-        grads = dict(zip(self._trained, grads, strict=True))
+        present = [(k, grad) for k, grad in zip(self._trained, grads, strict=True) if grad is not None]
         with torch.no_grad():
             stdet_kernels.sensitivity_update_(
-                [self._pieces[k] for k in present],
-                [grads[k] for k in present],
-                [self._tensors[k].detach() for k in present],
+                [self._pieces[k] for k, _ in present],
+                [grad for _, grad in present],
+                [self._tensors[k].detach() for k, _ in present],
                 decay,
                 measure,
             )
