@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
+import stdet.sma
 from stdet.data import RandomCrops
 from stdet.train import PROBE_SEED_OFFSET, TrainConfig, Trainer, load_checkpoint
 
@@ -105,16 +106,15 @@ def measure(run: Path) -> dict:
 
 def paired_difference(probe: dict) -> tuple[float, float]:
     """(mean, standard error) of the per-crop differences, average minus live; SE 0 for one crop."""
-    diff = torch.tensor(probe["average"]) - torch.tensor(probe["live"])
-    se = float(diff.std()) / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
-    return float(diff.mean()), se
+    return stdet.sma.paired_difference(torch.tensor(probe["live"]), torch.tensor(probe["average"]))
 
 
 def choose_average(probe: dict, paired: bool) -> bool:
-    """The guard's choice: the mean per-crop loss lower with the average (and, `paired`, by more
-    than `SIGMAS` standard errors of the per-crop differences)."""
-    mean, se = paired_difference(probe)
-    return mean <= 0 if not paired else mean < -SIGMAS * se
+    """The guard's choice (the library's own rule, `stdet.sma.average_is_better`): the mean per-crop
+    loss lower with the average (and, `paired`, by more than `SIGMAS` standard errors of the
+    per-crop differences)."""
+    live, average = torch.tensor(probe["live"]), torch.tensor(probe["average"])
+    return stdet.sma.average_is_better(live, average, SIGMAS if paired else 0.0)
 
 
 RULES = [(f"{size} crops, mean", size, False) for size in PROBE_SIZES] + [

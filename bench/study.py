@@ -576,12 +576,24 @@ def pretrained(plan: Plan, out: Path, photos: Path) -> tuple[dict, Path, str]:
     return summary, init, f"init sha256 {_sha256(init)}"
 
 
+def stdet_defaults_note() -> str:
+    """The hash of the library's STDET defaults: a run.toml leaves every knob at its default out, so
+    without it a changed default (the SMA guard's rule, say) would leave stale STDET runs cached."""
+    from stdet.config import STDETConfig
+
+    defaults = json.dumps(STDETConfig().to_dict(), sort_keys=True).encode()
+    return f"stdet defaults sha256 {hashlib.sha256(defaults).hexdigest()[:16]}"
+
+
 def keyed(runs: dict[str, tuple[dict, object]], note: str) -> dict[str, tuple[object, str]]:
     """name -> (TrainConfig, note) of `runs` (name -> (meta, TrainConfig)): the fine-tuning runs are
-    keyed on `note` (the starting model's hash), the others on nothing."""
-    return {
-        name: (config, note if meta["track"] == "finetune" else "") for name, (meta, config) in runs.items()
-    }
+    keyed on `note` (the starting model's hash), the STDET runs on the library's STDET defaults."""
+    items = {}
+    for name, (meta, config) in runs.items():
+        notes = [note] if meta["track"] == "finetune" else []
+        notes += [stdet_defaults_note()] if config.method == "stdet" else []
+        items[name] = (config, "; ".join(notes))
+    return items
 
 
 def run_tracks(runs: dict[str, tuple[dict, object]], note: str, jobs: int) -> dict[str, dict]:
@@ -608,7 +620,8 @@ def study(
         missing = [name for name, item in keyed(runs, note).items() if not finished(*item)]
         runs = {name: run for name, run in runs.items() if name not in missing}
         print(f"study ({plan.name} plan): {len(runs)} finished runs, {len(missing)} missing", flush=True)
-    print(f"study ({plan.name} plan): {len(runs)} runs, {jobs} at a time", flush=True)
+    trained = sum(not finished(*item) for item in keyed(runs, note).values())
+    print(f"study ({plan.name} plan): {len(runs)} runs ({trained} to train), {jobs} at a time", flush=True)
     done = run_tracks(runs, note, jobs)
     if only is not None:
         return None
@@ -640,6 +653,7 @@ def study(
         "missing": missing,
         "run_wall_s": sum(s["wall_s"] + s["live"]["eval_s"] for s in every),
         "wall_s": time.perf_counter() - started,
+        "trained_runs": trained,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots = [plot_budgets(summary, plan, out), plot_curves(runs, done, plan, out)]
@@ -826,6 +840,13 @@ def embedding_table(summary: dict, plan: Plan) -> list[str]:
     return lines
 
 
+def guard_sigmas() -> float:
+    """The library's default SMA guard evidence, which the study's STDET runs use."""
+    from stdet.config import STDETConfig
+
+    return STDETConfig().sma_guard_sigmas
+
+
 def guard_lines(summary: dict) -> list[str]:
     """Per track: how many STDET runs ended with the live weights handed out by the SMA guard."""
     lines = [
@@ -861,7 +882,13 @@ def report(summary: dict, plan: Plan, plots: list[str]) -> str:
         f"on the held-out photos {', '.join(summary['eval_photos'])}. Total run time "
         f"{summary['run_wall_s'] / 3600:.2f} h of training processes, "
         + (
-            f"{summary['wall_s'] / 3600:.2f} h wall."
+            f"{summary['wall_s'] / 3600:.2f} h wall"
+            + (
+                f" for the call that made this report, which trained {summary['trained_runs']} of the "
+                f"{len(summary['runs'])} runs (the others came from the cache)."
+                if summary.get("trained_runs", len(summary["runs"])) < len(summary["runs"])
+                else "."
+            )
             if summary["wall_s"] > 60
             else "wall time: not measured by this call (every run came from the cache)."
         ),
@@ -907,8 +934,10 @@ def report(summary: dict, plan: Plan, plots: list[str]) -> str:
         "## The SMA guard",
         "",
         "STDET's shadow average is handed out (evaluated, exported) only where a fixed probe batch's "
-        "loss is not higher with it than with the live weights (`sma_guard`, on for STDET); Adam + EMA "
-        "is the plain average. Runs whose final weights were the live ones, per track:",
+        "per-crop losses are lower with it than with the live weights by more than "
+        f"{guard_sigmas():g} standard errors of the paired differences (`sma_guard`, on for "
+        "STDET; `sma_guard_sigmas`); Adam + EMA is the plain average. Runs whose final weights were "
+        "the live ones, per track:",
         "",
         *guard_lines(summary),
     ]

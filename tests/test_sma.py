@@ -231,3 +231,77 @@ def test_compressing_with_the_averages_updates_the_cdf_tables_and_puts_them_back
     assert torch.equal(model.entropy_bottleneck._quantized_cdf, live_cdf)
     with pytest.raises(TypeError, match="^model: has no update"), stdet.SMA(torch.nn.Linear(2, 2)).swap(True):
         pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The SMA guard's rule
+
+
+def test_the_guard_hands_out_the_average_only_on_a_paired_win_by_more_than_sigmas_standard_errors() -> None:
+    from stdet.sma import average_is_better, paired_difference
+
+    live = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    clear = live - torch.tensor([0.10, 0.11, 0.09, 0.10])  # lower on every crop, little spread
+    noisy = live - torch.tensor([0.40, -0.30, 0.35, -0.25])  # lower on average, by less than its spread
+    mean, se = paired_difference(live, noisy)
+    assert mean == pytest.approx(-0.05) and se == pytest.approx(float((noisy - live).std()) / 2)
+    assert average_is_better(live, clear, 2.0)
+    assert not average_is_better(live, noisy, 2.0)
+    assert average_is_better(live, noisy, 0.0)  # 0: the plain comparison of the means
+    assert average_is_better(live, live.clone(), 0.0) and not average_is_better(live, live.clone(), 2.0)
+    assert not average_is_better(live, live + 0.01, 0.0)
+    one = torch.tensor([2.0])
+    assert paired_difference(one, one - 1) == (-1.0, 0.0)  # one crop: no spread to measure
+    assert average_is_better(one, one - 1, 2.0) and not average_is_better(one, one + 1, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("live", "average", "sigmas", "error", "name"),
+    [
+        (torch.ones(3), torch.ones(4), 2.0, ValueError, "live, average"),
+        (torch.ones(2, 2), torch.ones(2, 2), 2.0, ValueError, "live, average"),
+        (torch.ones(0), torch.ones(0), 2.0, ValueError, "live, average"),
+        ([1.0, 2.0], torch.ones(2), 2.0, TypeError, "live"),
+        (torch.ones(2), (1.0, 2.0), 2.0, TypeError, "average"),
+        (torch.ones(2), torch.ones(2), -1.0, ValueError, "sigmas"),
+        (torch.ones(2), torch.ones(2), math.inf, ValueError, "sigmas"),
+        (torch.ones(2), torch.ones(2), True, ValueError, "sigmas"),
+    ],
+)
+def test_the_guard_rule_names_a_bad_argument(live, average, sigmas, error, name) -> None:
+    from stdet.sma import average_is_better
+
+    with pytest.raises(error, match=f"^{name}"):
+        average_is_better(live, average, sigmas)
+
+
+def test_the_guard_rule_is_paired_and_asks_more_with_more_sigmas() -> None:
+    """Adding the same loss to both weights' crops (the crops' own difficulty) changes nothing; a win
+    at some sigmas is a win at any fewer."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    # Eighths of integers: every sum and difference below is exact, so "changes nothing" is exact.
+    value = st.integers(-800, 800).map(lambda n: n / 8)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(st.tuples(value, value, value), min_size=1, max_size=16),
+        st.floats(0, 5),
+        st.floats(0, 5),
+    )
+    def check(rows, low, high) -> None:
+        from stdet.sma import average_is_better
+
+        low, high = sorted((low, high))
+        live = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+        average = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+        offset = torch.tensor([r[2] for r in rows], dtype=torch.float64)
+        if average_is_better(live, average, high):
+            assert average_is_better(live, average, low)
+        for sigmas in (low, high):
+            assert average_is_better(live + offset, average + offset, sigmas) == average_is_better(
+                live, average, sigmas
+            )
+
+    check()

@@ -129,6 +129,7 @@ def test_config_round_trips_through_toml_and_rejects_bad_values() -> None:
         ({"metric": "ms-ssim", "patch_size": 64}, "--patch-size"),
         ({"max_drift": -1.0}, "--max-drift"),
         ({"sensitivity": "magnitude"}, "--sensitivity"),
+        ({"sma_guard_sigmas": -1.0}, "--sma-guard-sigmas"),
     ]:
         with pytest.raises(ValueError, match=f"^{flag}: "):
             replace(config, **change)
@@ -646,10 +647,11 @@ def test_resume_from_the_written_config_finds_its_checkpoint(tmp_path, capsys) -
 def test_sma_guard_hands_out_the_live_weights_where_the_probe_says_the_average_is_worse(
     tmp_path, method
 ) -> None:
-    """The guard compares the probe batch's loss with the live weights and with the average at every
-    evaluation: each eval record carries both and names the weights handed out, which are the
-    average exactly where its probe loss is not higher. The eval and the exported model are of those
-    weights; without the guard they are the average whatever the probe says. Training is the same."""
+    """The guard compares the probe crops' losses with the live weights and with the average at
+    every evaluation: each eval record carries both means, their paired difference and its standard
+    error, and names the weights handed out, which are the average exactly where it is lower by more
+    than two standard errors (the default). The eval and the exported model are of those weights;
+    without the guard they are the average whatever the probe says. Training is the same."""
     from stdet.data import bundled_images
     from stdet.evaluate import evaluate
     from stdet.export import read_plain_state_dict
@@ -658,6 +660,7 @@ def test_sma_guard_hands_out_the_live_weights_where_the_probe_says_the_average_i
     # lr 1e-2: a fast-moving model, so that the average, lagging, is worse somewhere
     guarded = tiny(tmp_path / "guarded", method=method, sma_every=1, sma_alpha=0.1, lr=1e-2, eval_every=2)
     assert TrainConfig().sma_guard is None and "\nsma_guard =" not in guarded.to_toml()
+    assert TrainConfig().sma_guard_sigmas is None and "\nsma_guard_sigmas =" not in guarded.to_toml()
     plain = replace(guarded, out=str(tmp_path / "plain"), sma_guard=False, eval_live=True)
     summary_guarded, summary_plain = train(guarded), train(plain)
     evals_guarded, evals_plain = records(tmp_path / "guarded", "eval"), records(tmp_path / "plain", "eval")
@@ -667,7 +670,9 @@ def test_sma_guard_hands_out_the_live_weights_where_the_probe_says_the_average_i
         probe = guarded_record["probe"]
         assert probe == plain_record["probe"]  # the same training, the same probes
         assert plain_record["weights"] == "average"
-        worse = probe["average"] > probe["live"]
+        assert probe["difference"] == pytest.approx(probe["average"] - probe["live"], rel=1e-4, abs=1e-9)
+        assert probe["se"] > 0
+        worse = not probe["difference"] < -2.0 * probe["se"]
         chosen.append(guarded_record["weights"])
         if method == "stdet":
             assert guarded_record["weights"] == ("live" if worse else expected)
@@ -689,3 +694,22 @@ def test_sma_guard_hands_out_the_live_weights_where_the_probe_says_the_average_i
                 if tensor.is_floating_point():
                     assert torch.equal(exported[key], tensor), key
     assert summary_plain["final_weights"] == "average"
+
+
+def test_the_probe_crops_losses_average_to_the_probe_loss(tmp_path) -> None:
+    """The SMA guard's per-crop losses are the probe loss crop by crop: their mean is `probe_loss`."""
+    trainer = Trainer(tiny(tmp_path / "run", sma_every=2, batch_size=4))
+    losses = trainer.probe_losses()
+    assert losses.shape == (4,) and losses.dtype == torch.float32
+    assert float(losses.mean()) == pytest.approx(trainer.probe_loss(), rel=1e-5)
+    assert trainer.model.training  # put back in its mode
+
+
+def test_sma_guard_sigmas_zero_is_the_plain_comparison_of_the_probe_means(tmp_path) -> None:
+    """--sma-guard-sigmas 0: the average wherever its mean probe loss is not higher (the old rule)."""
+    config = tiny(tmp_path / "run", sma_every=1, sma_alpha=0.1, lr=1e-2, eval_every=2, sma_guard_sigmas=0.0)
+    assert "\nsma_guard_sigmas = 0.0" in config.to_toml()
+    train(config)
+    for record in records(tmp_path / "run", "eval"):
+        probe = record["probe"]
+        assert record["weights"] == ("live" if probe["difference"] > 0 else "average")

@@ -250,7 +250,15 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=s,
         help="with shadow SMA, hand out (evaluate, export) the average only where the probe batch's "
-        "loss is not higher with it than with the live weights (default: on for stdet, off for adam)",
+        "per-crop losses are lower with it than with the live weights, by --sma-guard-sigmas "
+        "standard errors (default: on for stdet, off for adam)",
+    )
+    add(
+        "--sma-guard-sigmas",
+        type=float,
+        default=s,
+        help="the SMA guard's evidence: standard errors of the paired per-crop differences the "
+        "average must win by (default 2; 0: wherever its mean probe loss is not higher)",
     )
 
 

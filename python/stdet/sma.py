@@ -19,6 +19,7 @@ sample (free values and references of the layout; no optimizer state is touched)
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +28,36 @@ from stdet_kernels import FREE
 
 from .layout import FlatLayout
 from .parametrize import flat_layout, is_layout_key, owner
+
+T = TypeVar("T")
+
+
+def paired_difference(live: torch.Tensor, average: torch.Tensor) -> tuple[float, float]:
+    """(mean, standard error) of the per-crop loss differences, average minus live; the standard
+    error is 0 for one crop (no spread to measure)."""
+    for name, value in (("live", live), ("average", average)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor of per-crop losses, got {type(value).__name__}")
+    if live.dim() != 1 or live.numel() == 0 or live.shape != average.shape:
+        raise ValueError(
+            f"live, average: expected two 1-D tensors of the same crops' losses, got shapes "
+            f"{tuple(live.shape)} and {tuple(average.shape)}"
+        )
+    difference = average.double() - live.double()
+    se = float(difference.std()) / math.sqrt(difference.numel()) if difference.numel() > 1 else 0.0
+    return float(difference.mean()), se
+
+
+def average_is_better(live: torch.Tensor, average: torch.Tensor, sigmas: float) -> bool:
+    """The SMA guard's rule: hand out the average only where its per-crop losses on the same probe
+    crops are lower than the live weights' by more than `sigmas` standard errors of the paired
+    differences (``sigmas=0``: wherever their mean is not higher). Paired, because both weights see
+    the same crops: the crops' own spread cancels and the test is of the weights alone."""
+    number = not isinstance(sigmas, bool) and isinstance(sigmas, (int, float))
+    if not (number and math.isfinite(sigmas) and sigmas >= 0):
+        raise ValueError(f"sigmas: expected a finite number >= 0, got {sigmas!r}")
+    mean, se = paired_difference(live, average)
+    return mean <= 0 if sigmas == 0 else mean < -sigmas * se
 
 
 class SMA:
@@ -192,12 +223,13 @@ class SMA:
             if layout is not None:
                 layout.override = None
 
-    def probe_both(self, probe: Callable[[], float]) -> tuple[float, float]:
-        """(`probe` with the live weights, `probe` with the average): a caller's fixed-batch loss,
-        deterministic, to judge whether the average is worth handing out (``sma_guard``)."""
-        live = float(probe())
+    def probe_both(self, probe: Callable[[], T]) -> tuple[T, T]:
+        """(`probe` with the live weights, `probe` with the average): a caller's fixed-batch losses,
+        deterministic, to judge whether the average is worth handing out (``sma_guard``; see
+        `average_is_better`)."""
+        live = probe()
         with self.swap():
-            average = float(probe())
+            average = probe()
         return live, average
 
     # ------------------------------------------------------------------------------------------

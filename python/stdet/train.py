@@ -37,7 +37,7 @@ from .data import RandomCrops, bundled_images, load_folder
 from .evaluate import evaluate, psnr
 from .parametrize import export_state_dict
 from .schedule import STDET
-from .sma import SMA
+from .sma import SMA, average_is_better, paired_difference
 
 # CompressAI's lambdas for its pretrained qualities 1..8.
 MSE_LAMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.0250, 6: 0.0483, 7: 0.0932, 8: 0.1800}
@@ -152,6 +152,7 @@ class TrainConfig:
     # None: STDETConfig's default (on) for method "stdet"; off for "adam", whose average is the plain
     # EMA a user tries first (torch's AveragedModel). Left out of run.toml when None.
     sma_guard: bool | None = None
+    sma_guard_sigmas: float | None = None  # None: STDETConfig's default. Left out of run.toml when None.
 
     def __post_init__(self) -> None:
         def positive_int(name: str, minimum: int = 1) -> None:
@@ -216,7 +217,7 @@ class TrainConfig:
         knobs += ("sma_every", "sma_alpha", "sma_mode")
         values = {name: getattr(self, name) for name in knobs}
         optional = ("max_drift", "continuity", "ref_grad", "sensitivity", "release", "sma_restart")
-        optional += ("sma_guard",)
+        optional += ("sma_guard", "sma_guard_sigmas")
         optional += ("accelerate_every", "accelerate_horizon", "accelerate_free_r2")
         optional += ("start", "plateau_window", "plateau_tolerance", "plateau_sigmas")
         values.update({name: getattr(self, name) for name in optional})
@@ -524,6 +525,7 @@ class Trainer:
             if config.sma_every:
                 self.sma = SMA(self.model, config.sma_every, config.sma_alpha, config.sma_mode)
             self.sma_guard = bool(config.sma_guard)
+        self.sma_guard_sigmas = config.stdet_config().sma_guard_sigmas
         # Whether the last evaluation (and so the exported model) used the average or the live weights.
         self.handed_out = "average"
 
@@ -697,6 +699,29 @@ class Trainer:
             self.model.train(training)
         return float(loss)
 
+    def probe_losses(self) -> torch.Tensor:
+        """Each probe crop's RD loss (the same loss as `probe_loss`, whose batch mean it is up to
+        rounding), in eval mode: the SMA guard's paired test compares them crop by crop."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                x = self.probe_batch
+                out = self.model(x)
+                bits = sum(torch.log(p).flatten(1).sum(1) for p in out["likelihoods"].values())
+                bpp = bits / (-math.log(2) * x.shape[2] * x.shape[3])
+                if self.config.metric == "mse":
+                    mse = (out["x_hat"] - x).pow(2).flatten(1).mean(1)
+                    distortion = self.lmbda * 255.0**2 * mse
+                else:
+                    from pytorch_msssim import ms_ssim
+
+                    similarity = ms_ssim(out["x_hat"], x, data_range=1.0, size_average=False)
+                    distortion = self.lmbda * (1.0 - similarity)
+        finally:
+            self.model.train(training)
+        return (distortion + bpp).detach().cpu()
+
     def learning_rate(self, step: int) -> float:
         """The network's learning rate for the step after `step` steps (`learning_rate`)."""
         return learning_rate(self.config, step, self.curve)
@@ -807,9 +832,16 @@ class Trainer:
         averaged = self.averaging()
         probes = None
         if averaged and self.probe_batch is not None:
-            live_probe, average_probe = self.sma.probe_both(self.probe_loss)
-            probes = {"live": live_probe, "average": average_probe}
-            averaged = not (self.sma_guard and average_probe > live_probe)
+            live_probe, average_probe = self.sma.probe_both(self.probe_losses)
+            difference, se = paired_difference(live_probe, average_probe)
+            probes = {
+                "live": float(live_probe.mean()),
+                "average": float(average_probe.mean()),
+                "difference": difference,
+                "se": se,
+            }
+            better = average_is_better(live_probe, average_probe, self.sma_guard_sigmas)
+            averaged = better or not self.sma_guard
         self.handed_out = "average" if averaged else "live"
         mean = self.evaluate()["mean"] if averaged else self.evaluate_live()["mean"]
         self.final_eval = {key: mean[key] for key in ("bpp", "psnr", "rd_loss")}
