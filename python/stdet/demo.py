@@ -41,7 +41,7 @@ Files in ``--out``: ``adam/`` and ``stdet/`` (each run's folder), ``summary.json
 with ``result = {"bpp", "psnr", "rd_loss"}`` (means over the eval photos, real entropy coding),
 ``curve`` the live weights' ``[[step, eval RD loss], ...]``, ``average_curve`` the train loop's
 (the shadow average's once it has a sample; for STDET, whose SMA guard is on, the live weights' at an
-evaluation where the average's probe loss was higher) and ``trainable_fraction_min`` the least trainable
+evaluation where the average did not win the guard's paired test on the probe crops) and ``trainable_fraction_min`` the least trainable
 fraction the run's log records (1.0: STDET embedded nothing).
 
 Steps to reach Adam's final RD loss are not reported: a point on a curve before its run's end has not
@@ -61,6 +61,7 @@ from pathlib import Path
 
 import torch
 
+from .config import STDETConfig
 from .train import TrainConfig, TrainingError
 
 # The demo's setting mirrors bench/study.py (the package does not import bench/): its LR and DROP_AT,
@@ -445,19 +446,20 @@ def embedding_note(summary: dict) -> str:
 
 def guard_note(summary: dict) -> str:
     """Which weights STDET + SMA's result is of: the SMA guard hands out the average only where the
-    probe batch's loss is not higher with it."""
+    probe crops' losses are lower with it, by more than its standard errors (`sma_guard_sigmas`)."""
     handed_out = summary["runs"]["stdet"].get("final_weights")
     if handed_out is None:
         return ""
     which = (
-        "the average (its probe loss was not higher than the live weights')"
+        "the average (its probe crops' losses were lower by more than that)"
         if handed_out == "average"
-        else "the live weights (the average's probe loss was higher), so it equals STDET's row"
+        else "the live weights (the average did not win by that much), so it equals STDET's row"
     )
     return (
-        f"STDET's SMA guard (`sma_guard`, on by default) compared a fixed probe batch's loss with the "
-        f"live weights and with the average at each evaluation; at the last one it handed out {which}. "
-        "Adam + EMA is the plain average. "
+        "STDET's SMA guard (`sma_guard`, on by default) compared a fixed probe batch's per-crop losses "
+        "with the live weights and with the average at each evaluation, handing out the average only "
+        f"where it was lower by more than {STDETConfig().sma_guard_sigmas:g} standard errors of the "
+        f"paired differences; at the last one it handed out {which}. Adam + EMA is the plain average. "
     )
 
 
