@@ -22,7 +22,6 @@ computes every probe's per-crop losses for both. Table: bench/results/screen_gua
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from collections.abc import Callable
@@ -41,26 +40,6 @@ PROBE_SIZES = (8, 64, 256)
 # The probe crops of the larger probes: a generator apart from the training batches and the 8-crop probe.
 LARGE_PROBE_OFFSET = 7_919
 SIGMAS = 2.0
-CHUNK = 32
-
-
-def per_crop_losses(trainer: Trainer, crops: torch.Tensor) -> torch.Tensor:
-    """Each crop's RD loss (lambda * 255^2 * MSE + bpp), the model in eval mode (latents rounded)."""
-    training = trainer.model.training
-    trainer.model.eval()
-    losses = []
-    try:
-        with torch.no_grad():
-            for chunk in crops.split(CHUNK):
-                out = trainer.model(chunk)
-                pixels = chunk.shape[2] * chunk.shape[3]
-                bits = sum(torch.log(p).flatten(1).sum(1) for p in out["likelihoods"].values())
-                bpp = bits / (-math.log(2) * pixels)
-                mse = (out["x_hat"] - chunk).pow(2).flatten(1).mean(1)
-                losses.append(trainer.lmbda * 255.0**2 * mse + bpp)
-    finally:
-        trainer.model.train(training)
-    return torch.cat(losses)
 
 
 def run_config(run: Path) -> TrainConfig:
@@ -92,9 +71,9 @@ def measure(run: Path) -> dict:
     train_images = {str(i): image for i, image in enumerate(trainer.crops.images)}
     large = RandomCrops(train_images, config.patch_size, config.seed + PROBE_SEED_OFFSET + LARGE_PROBE_OFFSET)
     probes = {8: trainer.probe_batch, **{size: large.batch(0, size) for size in PROBE_SIZES[1:]}}
-    live = {size: per_crop_losses(trainer, batch) for size, batch in probes.items()}
+    live = {size: trainer.probe_losses(batch) for size, batch in probes.items()}
     with trainer.sma.swap():
-        average = {size: per_crop_losses(trainer, batch) for size, batch in probes.items()}
+        average = {size: trainer.probe_losses(batch) for size, batch in probes.items()}
     return {
         "lmbda": config.lmbda,
         "seed": config.seed,

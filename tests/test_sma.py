@@ -252,7 +252,18 @@ def test_the_guard_hands_out_the_average_only_on_a_paired_win_by_more_than_sigma
     assert not average_is_better(live, live + 0.01, 0.0)
     one = torch.tensor([2.0])
     assert paired_difference(one, one - 1) == (-1.0, 0.0)  # one crop: no spread to measure
-    assert average_is_better(one, one - 1, 2.0) and not average_is_better(one, one + 1, 2.0)
+    assert average_is_better(one, one - 1, 0.0) and not average_is_better(one, one + 1, 0.0)
+    assert not average_is_better(one, one - 1, 2.0)  # one crop proves nothing: the live weights stay
+
+
+def test_the_guard_hands_out_the_finite_side_where_a_probe_loss_is_not_finite() -> None:
+    from stdet.sma import average_is_better
+
+    good, bad = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, math.nan, 3.0])
+    for sigmas in (0.0, 2.0):
+        assert average_is_better(bad, good, sigmas)  # the live weights diverged
+        assert not average_is_better(good, bad, sigmas)
+        assert not average_is_better(bad, torch.tensor([1.0, 2.0, math.inf]), sigmas)
 
 
 @pytest.mark.parametrize(

@@ -250,8 +250,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=s,
         help="with shadow SMA, hand out (evaluate, export) the average only where the probe batch's "
-        "per-crop losses are lower with it than with the live weights, by --sma-guard-sigmas "
-        "standard errors (default: on for stdet, off for adam)",
+        "per-crop losses are lower with it than with the live weights by more than "
+        "--sma-guard-sigmas standard errors (default: on for stdet, off for adam)",
     )
     add(
         "--sma-guard-sigmas",

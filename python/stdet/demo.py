@@ -41,8 +41,9 @@ Files in ``--out``: ``adam/`` and ``stdet/`` (each run's folder), ``summary.json
 with ``result = {"bpp", "psnr", "rd_loss"}`` (means over the eval photos, real entropy coding),
 ``curve`` the live weights' ``[[step, eval RD loss], ...]``, ``average_curve`` the train loop's
 (the shadow average's once it has a sample; for STDET, whose SMA guard is on, the live weights' at an
-evaluation where the average did not win the guard's paired test on the probe crops) and ``trainable_fraction_min`` the least trainable
-fraction the run's log records (1.0: STDET embedded nothing).
+evaluation where the average did not win the guard's paired test on the probe crops) and
+``trainable_fraction_min`` the least trainable fraction the run's log records (1.0: STDET embedded
+nothing).
 
 Steps to reach Adam's final RD loss are not reported: a point on a curve before its run's end has not
 had the lr's drop, so it is not what a run of that many steps would end at; the study reads them from
@@ -446,7 +447,7 @@ def embedding_note(summary: dict) -> str:
 
 def guard_note(summary: dict) -> str:
     """Which weights STDET + SMA's result is of: the SMA guard hands out the average only where the
-    probe crops' losses are lower with it, by more than its standard errors (`sma_guard_sigmas`)."""
+    probe crops' losses are lower with it by more than `sma_guard_sigmas` standard errors."""
     handed_out = summary["runs"]["stdet"].get("final_weights")
     if handed_out is None:
         return ""

@@ -33,8 +33,8 @@ T = TypeVar("T")
 
 
 def paired_difference(live: torch.Tensor, average: torch.Tensor) -> tuple[float, float]:
-    """(mean, standard error) of the per-crop loss differences, average minus live; the standard
-    error is 0 for one crop (no spread to measure)."""
+    """(mean, standard error) of the per-crop loss differences, average minus live, in float64; the
+    standard error is 0 for one crop (no spread to measure)."""
     for name, value in (("live", live), ("average", average)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor of per-crop losses, got {type(value).__name__}")
@@ -52,12 +52,19 @@ def average_is_better(live: torch.Tensor, average: torch.Tensor, sigmas: float) 
     """The SMA guard's rule: hand out the average only where its per-crop losses on the same probe
     crops are lower than the live weights' by more than `sigmas` standard errors of the paired
     differences (``sigmas=0``: wherever their mean is not higher). Paired, because both weights see
-    the same crops: the crops' own spread cancels and the test is of the weights alone."""
+    the same crops: the crops' own spread cancels and the test is of the weights alone. With
+    ``sigmas > 0`` one crop proves nothing (no spread to measure): the live weights stay. Non-finite
+    losses: the finite side is handed out; both non-finite, the live weights."""
     number = not isinstance(sigmas, bool) and isinstance(sigmas, (int, float))
     if not (number and math.isfinite(sigmas) and sigmas >= 0):
         raise ValueError(f"sigmas: expected a finite number >= 0, got {sigmas!r}")
     mean, se = paired_difference(live, average)
-    return mean <= 0 if sigmas == 0 else mean < -sigmas * se
+    live_finite, average_finite = bool(live.isfinite().all()), bool(average.isfinite().all())
+    if not (live_finite and average_finite):
+        return average_finite
+    if sigmas == 0:
+        return mean <= 0
+    return live.numel() > 1 and mean < -sigmas * se
 
 
 class SMA:

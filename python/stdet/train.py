@@ -525,7 +525,7 @@ class Trainer:
             if config.sma_every:
                 self.sma = SMA(self.model, config.sma_every, config.sma_alpha, config.sma_mode)
             self.sma_guard = bool(config.sma_guard)
-        self.sma_guard_sigmas = config.stdet_config().sma_guard_sigmas
+        self.sma_guard_sigmas = (stdet_config or config.stdet_config()).sma_guard_sigmas
         # Whether the last evaluation (and so the exported model) used the average or the live weights.
         self.handed_out = "average"
 
@@ -699,28 +699,31 @@ class Trainer:
             self.model.train(training)
         return float(loss)
 
-    def probe_losses(self) -> torch.Tensor:
-        """Each probe crop's RD loss (the same loss as `probe_loss`, whose batch mean it is up to
-        rounding), in eval mode: the SMA guard's paired test compares them crop by crop."""
+    def probe_losses(self, crops: torch.Tensor | None = None, chunk: int = 32) -> torch.Tensor:
+        """Each crop's RD loss (the loss of `probe_loss`, whose batch mean it is up to rounding), in
+        eval mode, `chunk` crops per forward; `crops` default to the probe batch. The SMA guard's
+        paired test compares them crop by crop."""
+        crops = self.probe_batch if crops is None else crops
         training = self.model.training
         self.model.eval()
+        losses = []
         try:
             with torch.no_grad():
-                x = self.probe_batch
-                out = self.model(x)
-                bits = sum(torch.log(p).flatten(1).sum(1) for p in out["likelihoods"].values())
-                bpp = bits / (-math.log(2) * x.shape[2] * x.shape[3])
-                if self.config.metric == "mse":
-                    mse = (out["x_hat"] - x).pow(2).flatten(1).mean(1)
-                    distortion = self.lmbda * 255.0**2 * mse
-                else:
-                    from pytorch_msssim import ms_ssim
+                for x in crops.split(chunk):
+                    out = self.model(x)
+                    bits = sum(torch.log(p).flatten(1).sum(1) for p in out["likelihoods"].values())
+                    bpp = bits / (-math.log(2) * x.shape[2] * x.shape[3])
+                    if self.config.metric == "mse":
+                        distortion = self.lmbda * 255.0**2 * (out["x_hat"] - x).pow(2).flatten(1).mean(1)
+                    else:
+                        from pytorch_msssim import ms_ssim
 
-                    similarity = ms_ssim(out["x_hat"], x, data_range=1.0, size_average=False)
-                    distortion = self.lmbda * (1.0 - similarity)
+                        similarity = ms_ssim(out["x_hat"], x, data_range=1.0, size_average=False)
+                        distortion = self.lmbda * (1.0 - similarity)
+                    losses.append((distortion + bpp).cpu())
         finally:
             self.model.train(training)
-        return (distortion + bpp).detach().cpu()
+        return torch.cat(losses)
 
     def learning_rate(self, step: int) -> float:
         """The network's learning rate for the step after `step` steps (`learning_rate`)."""
@@ -835,8 +838,8 @@ class Trainer:
             live_probe, average_probe = self.sma.probe_both(self.probe_losses)
             difference, se = paired_difference(live_probe, average_probe)
             probes = {
-                "live": float(live_probe.mean()),
-                "average": float(average_probe.mean()),
+                "live": float(live_probe.double().mean()),
+                "average": float(average_probe.double().mean()),
                 "difference": difference,
                 "se": se,
             }
