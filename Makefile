@@ -55,7 +55,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_adam.py
 
 # The study (bench/study.py): Adam, Adam + EMA, STDET, STDET + SMA from scratch and in lambda
-# fine-tuning, 3 seeds x 4 lambdas, complete runs at 0.4-1.0 S (about 1.5 h on 2 cores; runs/study,
+# fine-tuning, 3 seeds x 4 lambdas, complete runs at 0.4-1.0 S (about 1.75 h on 2 cores; runs/study,
 # tables in bench/results/study.md). STUDY_ARGS passes flags, e.g. STUDY_ARGS=--jobs=1.
 study: $(VENV)/.installed
 	$(PY) bench/study.py $(STUDY_ARGS)
