@@ -717,15 +717,8 @@ def test_the_probe_crops_losses_are_the_probe_loss_crop_by_crop(tmp_path, metric
 
 def test_sma_guard_sigmas_zero_is_the_plain_comparison_of_the_probe_means(tmp_path) -> None:
     """--sma-guard-sigmas 0: the average wherever its mean probe loss is not higher (the old rule)."""
-    config = tiny(
-        tmp_path / "run",
-        sma_every=1,
-        sma_alpha=0.1,
-        lr=1e-2,
-        eval_every=1,
-        batch_size=4,
-        sma_guard_sigmas=0.0,
-    )
+    fast_moving = dict(sma_every=1, sma_alpha=0.1, lr=1e-2, eval_every=1, batch_size=4)
+    config = tiny(tmp_path / "run", **fast_moving, sma_guard_sigmas=0.0)
     assert "\nsma_guard_sigmas = 0.0" in config.to_toml()
     train(config)
     evals = records(tmp_path / "run", "eval")
