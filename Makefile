@@ -60,7 +60,7 @@ bench: $(VENV)/.installed
 study: $(VENV)/.installed
 	$(PY) bench/study.py $(STUDY_ARGS)
 
-# The screen (about 14 minutes): one seed, lambda 0.013, three EMA horizons (bench/results/study_quick.md).
+# The screen (about 20 minutes): one seed, lambda 0.013, four EMA horizons (bench/results/study_quick.md).
 study-quick: $(VENV)/.installed
 	$(PY) bench/study.py --quick $(STUDY_ARGS)
 
