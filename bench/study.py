@@ -40,20 +40,22 @@ Measured (``--estimate`` re-measures): 0.055 s/step for one run on one thread, 0
 side by side, 1.8 s per evaluation of the five photos, 5 s to start a run's process. The full study
 is 2 tracks x 2 runs x 3 seeds x (4 lambdas x 1.6 S + 1.2 S) = 91 S steps plus the 2 S pretraining,
 361 evaluations and 121 processes: about 85 minutes with 2 jobs, leaving room under the 2 hours for
-a busier machine; ``--quick`` (one seed, lambda 0.013, budgets 0.6 S and S, Adam at three EMA
-horizons) about 14 minutes; ``--calibrate`` about 5 minutes. The 2 hours are spent on the number of
-runs (3 seeds x 4 lambdas x 2 budgets x 2 tracks, complete runs at each budget) rather than on a
-longer S.
+a busier machine (``--estimate`` on the development VM, idle: about 104 minutes); ``--quick`` (one
+seed, lambda 0.013, budgets 0.6 S and S, Adam at four EMA horizons) about 20 minutes;
+``--calibrate`` about 5 minutes. The 2 hours are spent on the number of runs (3 seeds x 4 lambdas
+x 2 budgets x 2 tracks, complete runs at each budget) rather than on a longer S.
 
 Results: runs/study/summary.json, runs/study/study.md (copied to bench/results/study.md, or
 study_quick.md for ``--quick``) and the plots study_budget.png, study_curves.png. Runs are cached by
-their configuration (``run.toml``; a fine-tuning run's also names its starting model's hash).
+their configuration (``run.toml``; a fine-tuning run's also names its starting model's hash, a STDET
+run's the hash of the library's STDET defaults).
 
     python bench/study.py [--jobs 2]       # the study (make study)
     python bench/study.py --quick          # the screen (make study-quick)
     python bench/study.py --calibrate      # the lr calibration (make study-calibrate)
     python bench/study.py --smoke          # a tiny pipeline check (a minute or two)
     python bench/study.py --estimate       # measures s/step and prints each plan's time
+    python bench/study.py --horizons --seeds 0 1 2   # Adam + EMA at HORIZON_ALPHAS over seeds
 """
 
 import argparse
