@@ -580,6 +580,17 @@ def pretrained(plan: Plan, out: Path, photos: Path) -> tuple[dict, Path, str]:
     return summary, init, f"init sha256 {_sha256(init)}"
 
 
+def write_table(text: str, path: Path, result_name: str, copy: bool) -> str:
+    """A screen's or calibration's table: written to `path` (in the runs' folder), with `copy` also to
+    bench/results/`result_name`, and printed."""
+    path.write_text(text)
+    if copy:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / result_name).write_text(text)
+    print(text, flush=True)
+    return text
+
+
 def stdet_defaults_note() -> str:
     """The hash of the library's STDET defaults: a run.toml leaves every knob at its default out, so
     without it a changed default (the SMA guard's rule, say) would leave stale STDET runs cached."""
@@ -592,10 +603,10 @@ def stdet_defaults_note() -> str:
 def keyed(runs: dict[str, tuple[dict, object]], note: str) -> dict[str, tuple[object, str]]:
     """name -> (TrainConfig, note) of `runs` (name -> (meta, TrainConfig)): the fine-tuning runs are
     keyed on `note` (the starting model's hash), the STDET runs on the library's STDET defaults."""
-    items = {}
+    items, defaults = {}, stdet_defaults_note()
     for name, (meta, config) in runs.items():
         notes = [note] if meta["track"] == "finetune" else []
-        notes += [stdet_defaults_note()] if config.method == "stdet" else []
+        notes += [defaults] if config.method == "stdet" else []
         items[name] = (config, "; ".join(notes))
     return items
 
@@ -705,12 +716,7 @@ def calibrate(plan: Plan, out: Path, jobs: int, copy: bool) -> float | None:
         )
     lines += ["", f"Chosen: **{chosen:g}**" if chosen else "Chosen: none passes (lower the candidates)"]
     lines.append(f"(`LR` in bench/study.py is {LR:g}).")
-    text = "\n".join(lines) + "\n"
-    (out / "calibration.md").write_text(text)
-    if copy:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "study_calibration.md").write_text(text)
-    print(text)
+    write_table("\n".join(lines) + "\n", out / "calibration.md", "study_calibration.md", copy)
     return chosen
 
 
@@ -1396,12 +1402,7 @@ def horizon_screen(plan: Plan, out: Path, jobs: int, copy: bool, seeds: tuple[in
     short, study_alpha = HORIZON_ALPHAS[-1], HORIZON_ALPHAS[0]
     holds = all(medians[track, short] < medians[track, study_alpha] for track in TRACKS)
     lines += ["", f"Hypothesis {'holds' if holds else 'falsified'}.", ""]
-    text = "\n".join(lines)
-    (out / "screen_horizon.md").write_text(text)
-    if copy:
-        (RESULTS / "screen_horizon.md").write_text(text)
-    print(text, flush=True)
-    return text
+    return write_table("\n".join(lines), out / "screen_horizon.md", "screen_horizon.md", copy)
 
 
 def screen(plan: Plan, out: Path, name: str, jobs: int, copy: bool, seeds: tuple[int, ...] = (0,)) -> str:
@@ -1473,14 +1474,8 @@ def screen(plan: Plan, out: Path, name: str, jobs: int, copy: bool, seeds: tuple
                     f"| {variant} | {track} | {live:.4f} | {_percent(live_change[0])} | {average:.4f} | "
                     f"{_percent(average_change[0])} | {embedded[0]:.0%} |"
                 )
-    text = "\n".join(lines) + "\n"
     stem = f"screen_{name}" + (f"_seeds{len(seeds)}" if several else "")
-    (out / f"{stem}.md").write_text(text)
-    if copy:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{stem}.md").write_text(text)
-    print(text)
-    return text
+    return write_table("\n".join(lines) + "\n", out / f"{stem}.md", f"{stem}.md", copy)
 
 
 def main() -> None:
