@@ -1334,8 +1334,9 @@ def screen_runs(
         for variant, knobs in variants.items():
             # A screen's variants embed from the warm-up's end unless they say otherwise: the screens
             # before `plateau` ran while that was the library's default, and pinning it keeps their
-            # tables reproducible now that the default waits for a plateau.
-            knobs = {"start": "warmup", **knobs}
+            # tables reproducible now that the default waits for a plateau. Their SMA columns were
+            # handed out by the guard's rule of then (the comparison of means), pinned likewise.
+            knobs = {"start": "warmup", "sma_guard_sigmas": 0.0, **knobs}
             stdet = stdet_knobs(steps)
             if "warmup" in knobs:
                 warmup = budget_steps(steps, knobs.pop("warmup"))
