@@ -277,3 +277,15 @@ def test_finished_needs_the_same_configuration_and_both_results(tmp_path):
     assert study.finished(config, "note") and not study.finished(config, "other note")
     (tmp_path / "run" / "live_eval.json").unlink()
     assert not study.finished(config, "note")
+
+
+def test_the_demo_mirrors_the_full_studys_setting() -> None:
+    """stdet.demo copies the study's setting (the package does not import bench/): a change to one
+    that is not made to the other fails here."""
+    from stdet import demo
+
+    full = study.PLANS["full"]
+    ours = (demo.N, demo.M, demo.BATCH_SIZE, demo.PATCH_SIZE, demo.STEPS, demo.PRETRAIN_STEPS)
+    assert ours == (full.N, full.M, full.batch_size, full.patch_size, full.steps, full.pretrain_steps)
+    ours = (demo.LR, demo.DROP_AT, demo.SMA_EVERY, demo.SMA_ALPHA, demo.PRETRAIN_LMBDA)
+    assert ours == (study.LR, study.DROP_AT, study.SMA_EVERY, study.SMA_ALPHA, study.PRETRAIN_LMBDA)
