@@ -1,17 +1,18 @@
 """Microbenchmarks of the ops (pytest-benchmark): reconstruct forward, backward, reconstruct_sma_, the
 compact layout's backward fused with the sensitivity update (compact_backward_sensitivity_), the
 same from the layers' gradients read in place (compact_backward_pieces_sensitivity_: 16 pieces), the
-online refit's moment update (refit_update_) and the sensitivity of dense tensors before the model is
-laid out (sensitivity_update_: 16 tensors, one launch).
+same with the online refit's snapshot fused in (compact_backward_pieces_refit_), the online refit's
+moment update alone (refit_update_) and the sensitivity of dense tensors before the model is laid out
+(sensitivity_update_: 16 tensors, one launch).
 
 Providers: ``cpp`` (the C++ backend through the public API), ``torch`` (the eager reference),
 ``torch_compile`` (torch.compile of the reference) and ``copy`` (``dst.copy_(src)`` moving the same
 number of bytes: the memory-bandwidth ceiling, measured in the same run); for the fused backward also
 ``cpp_unfused`` (the C++ compact backward, then the sensitivity updated by eager PyTorch: what it
 replaces; for the pieces, the copy of the pieces into one flat buffer, then the flat fused
-backward). Inputs: float32, 10 modes, 50% FREE, the rest embedded. Bytes are each op's minimum
-traffic: every input read once, every output written once. Run through ``make bench``
-(bench/run_bench.py), which also writes the table.
+backward; for the refit's, the pieces backward, then refit_update_). Inputs: float32, 10 modes,
+50% FREE, the rest embedded. Bytes are each op's minimum traffic: every input read once, every
+output written once. Run through ``make bench`` (bench/run_bench.py), which also writes the table.
 """
 
 import os
@@ -30,6 +31,7 @@ OPS = (
     "reconstruct_sma_",
     "compact_backward_sensitivity_",
     "compact_backward_pieces_sensitivity_",
+    "compact_backward_pieces_refit_",
     "refit_update_",
     "sensitivity_update_",
 )
@@ -44,6 +46,8 @@ BYTES_PER_ELEMENT = {
     # dL/dfree_values and sensitivity (the FREE half)
     "compact_backward_sensitivity_": 4 + 1 + (4 + 4 + 4 + 4 + 4) // 2,
     "compact_backward_pieces_sensitivity_": 4 + 1 + (4 + 4 + 4 + 4 + 4) // 2,
+    # and at the FREE half the refit's: read mean, moment2, comoment, mode; write the three moments
+    "compact_backward_pieces_refit_": 4 + 1 + (4 + 4 + 4 + 4 + 4 + 4 * 3 + 1 + 4 * 3) // 2,
     # read values, mean, moment2, comoment, mode; write mean, moment2, comoment
     "refit_update_": 4 * 4 + 1 + 4 * 3,
     "sensitivity_update_": 4 * 3 + 4,  # read grad, value, sensitivity; write sensitivity
@@ -95,6 +99,8 @@ def _operation(op: str, provider: str, x: dict[str, torch.Tensor]):
         source = torch.empty(x["value"].numel() * BYTES_PER_ELEMENT[op] // 2, dtype=torch.uint8)
         target = torch.empty_like(source)
         return lambda: target.copy_(source)
+    if op == "compact_backward_pieces_refit_":
+        return _pieces_refit(provider, x)
     if op == "compact_backward_pieces_sensitivity_":
         grad, *layout = _compact(x)
         n = grad.numel()
@@ -142,6 +148,36 @@ def _operation(op: str, provider: str, x: dict[str, torch.Tensor]):
     name, call_args = functions[op]
     function = getattr(reference, name) if provider == "torch" else _compiled_reference(name)
     return lambda: function(*call_args)
+
+
+def _pieces_refit(provider: str, x: dict[str, torch.Tensor]):
+    """The pieces backward with the sensitivity and the refit's snapshot (10 modes) fused in; unfused:
+    the pieces backward, then refit_update_ (both C++)."""
+    grad, *layout = _compact(x)
+    free_values = layout[0]
+    n = grad.numel()
+    sizes = [n // PIECES + (k < n % PIECES) for k in range(PIECES)]
+    pieces = [piece.clone() for piece in grad.split_with_sizes(sizes)]
+    free = free_values.numel()
+    generator = torch.Generator().manual_seed(2)
+    moments = [torch.randn(free, generator=generator).abs() for _ in range(3)]
+    mode = torch.randint(0, NUM_MODES, (free,), generator=generator).to(torch.uint8)
+    refit = (*moments, mode, torch.randn(NUM_MODES, generator=generator), 5)
+    if provider == "cpp":
+        op = torch.ops.stdet.reconstruct_compact_backward_pieces_refit_
+        return lambda: op(pieces, sizes, *layout, 0.9, "taylor", *refit)
+    if provider == "cpp_unfused":
+        backward = torch.ops.stdet.reconstruct_compact_backward_pieces_sensitivity_
+
+        def backward_then_refit():
+            result = backward(pieces, sizes, *layout, 0.9, "taylor")
+            stdet_kernels.refit_update_(free_values, *refit)
+            return result
+
+        return backward_then_refit
+    name = "reconstruct_compact_backward_pieces_refit_"
+    function = getattr(reference, name) if provider == "torch" else _compiled_reference(name)
+    return lambda: function(pieces, sizes, *layout, 0.9, False, *refit)
 
 
 def _dense_update(op: str, provider: str, x: dict[str, torch.Tensor]):

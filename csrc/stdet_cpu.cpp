@@ -729,6 +729,19 @@ struct SensitivityUpdate {
   bool fisher;
 };
 
+// Where the fused backward adds the online refit's snapshot of the FREE elements' values: its
+// running moments, one float per FREE element, and each mode's reference deviation (a table of 256,
+// 0 past the modes).
+struct RefitUpdate {
+  float* __restrict__ mean;
+  float* __restrict__ moment2;
+  float* __restrict__ comoment;
+  const uint8_t* __restrict__ mode;
+  std::array<float, 256> deviation;
+  bool with_modes;
+  float inv_count;
+};
+
 // Where the backward reads dL/dw: one flat gradient, or the layers' own gradients laid end to end
 // (the pieces of the flat weight's views, read in place: no concatenation first). `block` returns
 // the gradients of elements [begin, end) (one block) contiguously: a pointer into a piece when the
@@ -771,13 +784,17 @@ struct PieceGradients {
 // sensitivity. The per-code sums rotate over kLanes tables by element index, so a run of one mode is
 // kLanes independent chains of additions, not one; each mode sums the same terms in the same order
 // on every path, and the tables are added in a fixed order.
-template <typename value_t, typename coef_t, bool kWithSensitivity, typename Source>
+//
+// When kWithRefit, each block's FREE values, already in cache from the sensitivity's update (or read
+// here), also go into the online refit's running moments (`refit_update_range`, the same arithmetic
+// as `refit_update_`): the refit's snapshot costs no pass over memory of its own.
+template <typename value_t, typename coef_t, bool kWithSensitivity, bool kWithRefit, typename Source>
 void compact_backward_blocks(const Source& source, const uint8_t* __restrict__ code,
                              const int32_t* __restrict__ offsets, const coef_t* __restrict__ a,
                              value_t* __restrict__ grad_free,
                              float* __restrict__ partial, const SensitivityUpdate<value_t>& update,
-                             int64_t num_modes, int64_t n, int64_t free_count,
-                             int64_t block_begin, int64_t block_end) {
+                             const RefitUpdate& refit, int64_t num_modes, int64_t n,
+                             int64_t free_count, int64_t block_begin, int64_t block_end) {
   constexpr size_t kLanes = 4;
   std::array<std::array<float, stdet::kTableSize>, kLanes> by_code{};
   std::array<float, kCompactBlock + 8> block_grad;  // + 8: the AVX2 path stores 8 at a time
@@ -843,6 +860,11 @@ void compact_backward_blocks(const Source& source, const uint8_t* __restrict__ c
             stdet::running_mean(update.sensitivity[slot], score, update.decay, update.complement);
       }
     }
+    if constexpr (kWithRefit) {
+      refit_update_range<value_t>(update.free_values, refit.mean, refit.moment2, refit.comoment,
+                                  refit.mode, refit.deviation.data(), refit.with_modes,
+                                  refit.inv_count, free_begin, free_begin + block_free);
+    }
   }
   for (int64_t m = 0; m < num_modes; ++m) {
     partial[m] = (by_code[0][m] + by_code[1][m]) + (by_code[2][m] + by_code[3][m]);
@@ -885,24 +907,58 @@ at::ScalarType check_gradient_input(const GradientInput& input, const at::Tensor
   return *dtype;
 }
 
-template <bool kWithSensitivity>
+// The online refit's tensors of a fused backward (see refit_update_).
+struct RefitInput {
+  at::Tensor mean, moment2, comoment, mode, ref_deviation;
+  int64_t count;
+};
+
+// Checks the refit's tensors against the FREE elements' count and returns the kernel's view of them.
+RefitUpdate refit_update_of(const RefitInput& input, int64_t free_count) {
+  for (const at::Tensor* t : {&input.mean, &input.moment2, &input.comoment}) {
+    check_contiguous_cpu(*t, "moments");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == free_count,
+                "moments: expected float32 tensors of one element per FREE code");
+  }
+  check_contiguous_cpu(input.mode, "mode");
+  check_contiguous_cpu(input.ref_deviation, "ref_deviation");
+  TORCH_CHECK(input.mode.scalar_type() == at::kByte && input.mode.numel() == free_count,
+              "mode: expected uint8 of one element per FREE code");
+  TORCH_CHECK(input.ref_deviation.scalar_type() == at::kFloat && input.ref_deviation.numel() <= 256,
+              "ref_deviation: expected float32, at most 256 modes");
+  TORCH_CHECK(input.count >= 1, "count: expected at least 1");
+  RefitUpdate refit{input.mean.data_ptr<float>(), input.moment2.data_ptr<float>(),
+                    input.comoment.data_ptr<float>(), input.mode.data_ptr<uint8_t>(), {},
+                    input.ref_deviation.numel() > 0,
+                    static_cast<float>(1.0 / static_cast<double>(input.count))};
+  for (int64_t m = 0; m < input.ref_deviation.numel(); ++m) {
+    refit.deviation[m] = input.ref_deviation.data_ptr<float>()[m];
+  }
+  return refit;
+}
+
+template <bool kWithSensitivity, bool kWithRefit = false>
 std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
     const GradientInput& input, const at::Tensor& code, const at::Tensor& offsets,
     const at::Tensor& a, const at::Tensor& refs, const at::Tensor* free_values,
-    at::Tensor* sensitivity, double decay, bool fisher) {
+    at::Tensor* sensitivity, double decay, bool fisher, const RefitInput* refit_input = nullptr) {
   const at::ScalarType grad_dtype = check_gradient_input(input, code);
   TORCH_CHECK(refs.dim() == 1, "refs: expected a 1-D tensor");
   const int64_t n = code.numel();
   const int64_t blocks = (n + kCompactBlock - 1) / kCompactBlock;
   const int64_t free_count = check_compact(code, offsets, a, a);
-  if constexpr (kWithSensitivity) {
+  if constexpr (kWithSensitivity || kWithRefit) {
     check_contiguous_cpu(*free_values, "free_values");
-    check_contiguous_cpu(*sensitivity, "sensitivity");
     TORCH_CHECK(free_values->scalar_type() == grad_dtype && free_values->numel() == free_count,
                 "free_values: expected the dtype of grad and one element per FREE code");
+  }
+  if constexpr (kWithSensitivity) {
+    check_contiguous_cpu(*sensitivity, "sensitivity");
     TORCH_CHECK(sensitivity->scalar_type() == at::kFloat && sensitivity->numel() == free_count,
                 "sensitivity: expected float32 and one element per FREE code");
   }
+  RefitUpdate refit{};
+  if constexpr (kWithRefit) refit = refit_update_of(*refit_input, free_count);
   const int64_t num_modes = refs.numel();
   constexpr int64_t kBlocksPerChunk = kReduceChunk / kCompactBlock;
   const int64_t num_chunks = (blocks + kBlocksPerChunk - 1) / kBlocksPerChunk;
@@ -920,16 +976,16 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
       value_t* grad_free_ptr = grad_free.data_ptr<value_t>();
       SensitivityUpdate<value_t> update{nullptr, nullptr, static_cast<float>(decay),
                                         static_cast<float>(1.0 - decay), fisher};
-      if constexpr (kWithSensitivity) {
+      if constexpr (kWithSensitivity || kWithRefit) {
         update.free_values = free_values->data_ptr<value_t>();
-        update.sensitivity = sensitivity->data_ptr<float>();
       }
+      if constexpr (kWithSensitivity) update.sensitivity = sensitivity->data_ptr<float>();
       auto run = [&](const auto& source) {
         at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
           for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-            compact_backward_blocks<value_t, coef_t, kWithSensitivity>(
+            compact_backward_blocks<value_t, coef_t, kWithSensitivity, kWithRefit>(
                 source, code_ptr, offsets_ptr, a_ptr, grad_free_ptr,
-                partials.data() + chunk * num_modes, update, num_modes, n, free_count,
+                partials.data() + chunk * num_modes, update, refit, num_modes, n, free_count,
                 chunk * kBlocksPerChunk, std::min(blocks, (chunk + 1) * kBlocksPerChunk));
           }
         });
@@ -993,6 +1049,24 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_pieces_sensitivi
                                                  decay, fisher);
 }
 
+// The two pieces backwards above (the sensitivity's when `sensitivity` is given), and in the same
+// pass the online refit's snapshot of the FREE elements' values (refit_update_ of free_values).
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_pieces_refit_(
+    const std::vector<at::Tensor>& pieces, const std::vector<int64_t>& sizes,
+    const at::Tensor& free_values, const at::Tensor& code, const at::Tensor& offsets,
+    const at::Tensor& a, const at::Tensor& refs, c10::optional<at::Tensor> sensitivity,
+    double decay, bool fisher, at::Tensor mean, at::Tensor moment2, at::Tensor comoment,
+    const at::Tensor& mode, const at::Tensor& ref_deviation, int64_t count) {
+  const GradientInput input{nullptr, &pieces, &sizes};
+  const RefitInput refit{mean, moment2, comoment, mode, ref_deviation, count};
+  if (sensitivity.has_value()) {
+    return reconstruct_compact_backward_impl<true, true>(input, code, offsets, a, refs, &free_values,
+                                                         &*sensitivity, decay, fisher, &refit);
+  }
+  return reconstruct_compact_backward_impl<false, true>(input, code, offsets, a, refs, &free_values,
+                                                        nullptr, 0.0, false, &refit);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1020,4 +1094,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reconstruct_compact_backward_pieces_sensitivity_",
         &reconstruct_compact_backward_pieces_sensitivity_,
         "reconstruct_compact_backward_sensitivity_ from the layers' gradients, read in place");
+  m.def("reconstruct_compact_backward_pieces_refit_", &reconstruct_compact_backward_pieces_refit_,
+        "the pieces backward (with the sensitivity's update when given), and the online refit's "
+        "snapshot of the FREE values in the same pass");
 }

@@ -364,14 +364,29 @@ struct SensitivityUpdate {
   bool fisher;
 };
 
-template <typename value_t, typename coef_t, bool kWithSensitivity>
+// The online refit's running moments (Welford), one float per FREE element, and each mode's
+// reference deviation (num_deviations of them: 0 means no modes); unused by the other backwards.
+struct RefitUpdate {
+  float* __restrict__ mean;
+  float* __restrict__ moment2;
+  float* __restrict__ comoment;
+  const uint8_t* __restrict__ mode;
+  const float* __restrict__ deviation;
+  int num_deviations;
+  float inv_count;
+};
+
+// With kWithRefit, each FREE value also goes into the refit's moments, the arithmetic of
+// refit_update_ (no contraction: --fmad=false): the refit's snapshot in the backward's pass.
+template <typename value_t, typename coef_t, bool kWithSensitivity, bool kWithRefit>
 __global__ void reconstruct_compact_backward_kernel(const value_t* __restrict__ grad,
                                                     const uint8_t* __restrict__ code,
                                                     const int32_t* __restrict__ offsets,
                                                     const coef_t* __restrict__ a,
                                                     value_t* __restrict__ grad_free,
                                                     float* __restrict__ partials, int num_modes,
-                                                    SensitivityUpdate<value_t> update, int64_t n) {
+                                                    SensitivityUpdate<value_t> update,
+                                                    RefitUpdate refit, int64_t n) {
   __shared__ typename CompactScan::TempStorage scan_storage;
   __shared__ uint8_t tile_code[kCompactBlock];
   __shared__ float tile_contribution[kCompactBlock];
@@ -392,6 +407,19 @@ __global__ void reconstruct_compact_backward_kernel(const value_t* __restrict__ 
               g, static_cast<float>(update.free_values[slot]), update.fisher);
           update.sensitivity[slot] = stdet::running_mean(update.sensitivity[slot], score,
                                                          update.decay, update.complement);
+        }
+        if constexpr (kWithRefit) {
+          const float w = static_cast<float>(update.free_values[slot]);
+          const float old_mean = refit.mean[slot];
+          const float delta = w - old_mean;
+          const float updated = old_mean + delta * refit.inv_count;
+          refit.mean[slot] = updated;
+          refit.moment2[slot] = refit.moment2[slot] + delta * (w - updated);
+          if (refit.num_deviations > 0) {
+            const int m = refit.mode[slot];
+            const float deviation = m < refit.num_deviations ? refit.deviation[m] : 0.0f;
+            refit.comoment[slot] = refit.comoment[slot] + delta * deviation;
+          }
         }
       } else {
         contribution = stdet::ref_grad_contribution(
@@ -470,24 +498,53 @@ at::Tensor reconstruct_compact_sma_(const at::Tensor& free_values, const at::Ten
   return reconstruct_compact_impl<true>(free_values, code, offsets, a, b, refs, &sma, alpha);
 }
 
-template <bool kWithSensitivity>
+// The online refit's tensors of a fused backward (see refit_update_ in the C++ CPU extension).
+struct RefitInput {
+  at::Tensor mean, moment2, comoment, mode, ref_deviation;
+  int64_t count;
+};
+
+RefitUpdate refit_update_of(const RefitInput& input, int64_t free_count) {
+  for (const at::Tensor* t : {&input.mean, &input.moment2, &input.comoment}) {
+    check_cuda(*t, "moments");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == free_count,
+                "moments: expected float32 tensors of one element per FREE code");
+  }
+  check_cuda(input.mode, "mode");
+  check_cuda(input.ref_deviation, "ref_deviation");
+  TORCH_CHECK(input.mode.scalar_type() == at::kByte && input.mode.numel() == free_count,
+              "mode: expected uint8 of one element per FREE code");
+  TORCH_CHECK(input.ref_deviation.scalar_type() == at::kFloat && input.ref_deviation.numel() <= 256,
+              "ref_deviation: expected float32, at most 256 modes");
+  TORCH_CHECK(input.count >= 1, "count: expected at least 1");
+  return {input.mean.data_ptr<float>(), input.moment2.data_ptr<float>(),
+          input.comoment.data_ptr<float>(), input.mode.data_ptr<uint8_t>(),
+          input.ref_deviation.data_ptr<float>(), static_cast<int>(input.ref_deviation.numel()),
+          static_cast<float>(1.0 / static_cast<double>(input.count))};
+}
+
+template <bool kWithSensitivity, bool kWithRefit = false>
 std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
     const at::Tensor& grad, const at::Tensor& code, const at::Tensor& offsets, const at::Tensor& a,
     const at::Tensor& refs, const at::Tensor* free_values, at::Tensor* sensitivity, double decay,
-    bool fisher) {
+    bool fisher, const RefitInput* refit_input = nullptr) {
   check_cuda(grad, "grad");
   check_compact(code, offsets, a, a);
   TORCH_CHECK(grad.numel() == code.numel(), "grad: expected the number of elements of code");
   const int64_t n = code.numel();
-  if constexpr (kWithSensitivity) {
+  if constexpr (kWithSensitivity || kWithRefit) {
     check_cuda(*free_values, "free_values");
-    check_cuda(*sensitivity, "sensitivity");
     TORCH_CHECK(free_values->scalar_type() == grad.scalar_type() &&
                     free_values->numel() == n - a.numel(),
                 "free_values: expected the dtype of grad and one element per FREE code");
+  }
+  if constexpr (kWithSensitivity) {
+    check_cuda(*sensitivity, "sensitivity");
     TORCH_CHECK(sensitivity->scalar_type() == at::kFloat && sensitivity->numel() == n - a.numel(),
                 "sensitivity: expected float32 and one element per FREE code");
   }
+  RefitUpdate refit{};
+  if constexpr (kWithRefit) refit = refit_update_of(*refit_input, n - a.numel());
   const c10::cuda::CUDAGuard guard(code.device());
   const int num_modes = static_cast<int>(refs.numel());
   const int64_t blocks = offsets.numel() - 1;
@@ -504,15 +561,15 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_impl(
       using coef_t = scalar_t;
       SensitivityUpdate<value_t> update{nullptr, nullptr, static_cast<float>(decay),
                                         static_cast<float>(1.0 - decay), fisher};
-      if constexpr (kWithSensitivity) {
+      if constexpr (kWithSensitivity || kWithRefit) {
         update.free_values = free_values->data_ptr<value_t>();
-        update.sensitivity = sensitivity->data_ptr<float>();
       }
-      reconstruct_compact_backward_kernel<value_t, coef_t, kWithSensitivity>
+      if constexpr (kWithSensitivity) update.sensitivity = sensitivity->data_ptr<float>();
+      reconstruct_compact_backward_kernel<value_t, coef_t, kWithSensitivity, kWithRefit>
           <<<blocks, kCompactThreads, 0, stream>>>(
               grad.data_ptr<value_t>(), code.data_ptr<uint8_t>(), offsets.data_ptr<int32_t>(),
               a.data_ptr<coef_t>(), grad_free.data_ptr<value_t>(), partials.data_ptr<float>(),
-              num_modes, update, n);
+              num_modes, update, refit, n);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -582,6 +639,24 @@ std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_pieces_sensitivi
                                                    fisher);
 }
 
+// The two pieces backwards above (the sensitivity's when `sensitivity` is given), and in the same
+// pass the online refit's snapshot of the FREE elements' values (refit_update_ of free_values).
+std::tuple<at::Tensor, at::Tensor> reconstruct_compact_backward_pieces_refit_(
+    const std::vector<at::Tensor>& pieces, const std::vector<int64_t>& sizes,
+    const at::Tensor& free_values, const at::Tensor& code, const at::Tensor& offsets,
+    const at::Tensor& a, const at::Tensor& refs, c10::optional<at::Tensor> sensitivity,
+    double decay, bool fisher, at::Tensor mean, at::Tensor moment2, at::Tensor comoment,
+    const at::Tensor& mode, const at::Tensor& ref_deviation, int64_t count) {
+  const at::Tensor grad = concatenated(pieces, sizes, code);
+  const RefitInput refit{mean, moment2, comoment, mode, ref_deviation, count};
+  if (sensitivity.has_value()) {
+    return reconstruct_compact_backward_impl<true, true>(grad, code, offsets, a, refs, &free_values,
+                                                         &*sensitivity, decay, fisher, &refit);
+  }
+  return reconstruct_compact_backward_impl<false, true>(grad, code, offsets, a, refs, &free_values,
+                                                        nullptr, 0.0, false, &refit);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -602,4 +677,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reconstruct_compact_backward_pieces_sensitivity_",
         &reconstruct_compact_backward_pieces_sensitivity_,
         "reconstruct_compact_backward_sensitivity_ from the layers' gradients (concatenated first)");
+  m.def("reconstruct_compact_backward_pieces_refit_", &reconstruct_compact_backward_pieces_refit_,
+        "the pieces backward (with the sensitivity's update when given), and the online refit's "
+        "snapshot of the FREE values in the same pass");
 }

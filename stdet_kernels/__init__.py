@@ -25,7 +25,7 @@ from .compact import (
     sensitivity_update_,
     unpack,
 )
-from .ops import lerp_, reconstruct, reconstruct_sma_, refit_update_
+from .ops import RefitSnapshot, lerp_, reconstruct, reconstruct_sma_, refit_update_
 from .reference import DUMMY, FREE
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "COMPACT_BLOCK",
     "DUMMY",
     "FREE",
+    "RefitSnapshot",
     "available_backends",
     "compact_offsets",
     "last_backend",

@@ -29,14 +29,17 @@ import numbers
 import torch
 from torch import Tensor
 
+from .backends import select
 from .ops import (
     FLOAT_DTYPES,
     MAX_MODES,
     CheckCache,
+    RefitSnapshot,
     _check_alpha,
     _check_dtype,
     _check_tensor,
     check_code_modes,
+    check_refit,
     check_tensor_lists,
     run_grouped,
     run_kernel,
@@ -225,12 +228,75 @@ def _(grad, free_values, code, offsets, a, refs, sensitivity, decay, measure):
     return grad.new_empty(code.numel() - a.numel()), refs.new_empty(refs.shape)
 
 
+@torch.library.custom_op(
+    "stdet::reconstruct_compact_backward_pieces_refit_",
+    mutates_args=("sensitivity", "mean", "moment2", "comoment"),
+)
+def _reconstruct_compact_backward_pieces_refit_op(
+    pieces: list[Tensor],
+    sizes: list[int],
+    free_values: Tensor,
+    code: Tensor,
+    offsets: Tensor,
+    a: Tensor,
+    refs: Tensor,
+    sensitivity: Tensor | None,
+    decay: float,
+    measure: str,
+    mean: Tensor,
+    moment2: Tensor,
+    comoment: Tensor,
+    element_mode: Tensor,  # (not "mode": torch's fake-mode dispatch takes that keyword)
+    ref_deviation: Tensor,
+    count: int,
+) -> tuple[Tensor, Tensor]:
+    """The pieces backward (the sensitivity's when given) and, in the same pass, the online refit's
+    snapshot of free_values: `refit_update_`'s arithmetic on the FREE elements."""
+    check_code_modes(code, refs.numel())
+    _check_layout(code, offsets, free_values.numel())
+    kernel = select(code.device, "reconstruct_compact_backward_pieces_refit_")
+    pieces, sizes = _pieces(pieces, sizes)
+    moments = (mean, moment2, comoment) if sensitivity is None else (sensitivity, mean, moment2, comoment)
+    written = tuple(t.contiguous() for t in moments)
+    *running, mean_c, moment2_c, comoment_c = written
+    result = kernel(
+        pieces, sizes, free_values.contiguous(), code.contiguous(), offsets.contiguous(), a.contiguous(),
+        refs.contiguous(), running[0] if running else None, decay, measure == "fisher",
+        mean_c, moment2_c, comoment_c, element_mode.contiguous(), ref_deviation.contiguous(), count,
+    )  # fmt: skip
+    for given, out in zip(moments, written, strict=True):
+        if out is not given:
+            given.copy_(out)
+    return result
+
+
+@_reconstruct_compact_backward_pieces_refit_op.register_fake
+def _(pieces, sizes, free_values, code, offsets, a, refs, sensitivity, decay, measure, mean, moment2,
+      comoment, element_mode, ref_deviation, count):  # fmt: skip
+    return free_values.new_empty(free_values.shape), refs.new_empty(refs.shape)
+
+
 def _compact_backward(
-    grad, free_values: Tensor | None, layout, sensitivity, decay, measure, sizes: list[int] | None = None
+    grad,
+    free_values: Tensor | None,
+    layout,
+    sensitivity,
+    decay,
+    measure,
+    sizes: list[int] | None = None,
+    refit: RefitSnapshot | None = None,
 ):
     """(dL/dfree_values, dL/drefs), by the fused op when a sensitivity target was given; `grad` is
-    dL/dw, or with `sizes` the list of its pieces (the pieces ops read them in place)."""
+    dL/dw, or with `sizes` the list of its pieces (the pieces ops read them in place). With `refit`
+    (pieces only), the refit's snapshot in the same pass, and the snapshot marked done."""
     code, offsets, a, refs = layout
+    if refit is not None:
+        result = _reconstruct_compact_backward_pieces_refit_op(
+            grad, sizes, free_values, code, offsets, a, refs, sensitivity, decay, measure,
+            *refit.arguments(),
+        )  # fmt: skip
+        refit.done = True
+        return result
     if sizes is None:
         if sensitivity is None:
             return _reconstruct_compact_backward_op(grad, code, offsets, a, refs)
@@ -244,22 +310,27 @@ def _compact_backward(
     )
 
 
-def _save_for_backward(ctx, free_values, code, offsets, a, refs, sensitivity, decay, measure) -> None:
-    """free_values is saved only for the sensitivity's score. The sensitivity itself is kept on ctx, not
-    saved: it is running state that each backward writes, so autograd's check that a saved tensor is
-    unchanged would refuse two forwards before one backward."""
-    if sensitivity is None:
+def _save_for_backward(
+    ctx, free_values, code, offsets, a, refs, sensitivity, decay, measure, refit=None
+) -> None:
+    """free_values is saved only for the sensitivity's score and the refit's snapshot. The sensitivity
+    and the refit's moments are kept on ctx, not saved: they are running state that each backward
+    writes, so autograd's check that a saved tensor is unchanged would refuse two forwards before one
+    backward."""
+    if sensitivity is None and refit is None:
         ctx.save_for_backward(code, offsets, a, refs)
     else:
         ctx.save_for_backward(code, offsets, a, refs, free_values)
-    ctx.sensitivity, ctx.decay, ctx.measure = sensitivity, decay, measure
+    ctx.sensitivity, ctx.decay, ctx.measure, ctx.refit = sensitivity, decay, measure, refit
 
 
 def _saved_backward(ctx, grad, sizes: list[int] | None = None):
     code, offsets, a, refs, *free_values = ctx.saved_tensors
     layout = (code, offsets, a, refs)
     free_values = free_values[0] if free_values else None
-    return _compact_backward(grad, free_values, layout, ctx.sensitivity, ctx.decay, ctx.measure, sizes)
+    refit = getattr(ctx, "refit", None)
+    ctx.refit = None  # one snapshot, even if the graph is run backward again (retain_graph)
+    return _compact_backward(grad, free_values, layout, ctx.sensitivity, ctx.decay, ctx.measure, sizes, refit)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -346,9 +417,9 @@ class _ReconstructCompactPieces(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, free_values, code, offsets, a, b, refs, sizes, shapes, sma, alpha, sensitivity,
-                decay, measure, reference_index):  # fmt: skip
+                decay, measure, reference_index, refit):  # fmt: skip
         ctx.set_materialize_grads(False)  # a view with no gradient reads as zeros, not a zero tensor
-        _save_for_backward(ctx, free_values, code, offsets, a, refs, sensitivity, decay, measure)
+        _save_for_backward(ctx, free_values, code, offsets, a, refs, sensitivity, decay, measure, refit)
         ctx.sizes, ctx.reference_index, ctx.refs_dtype = sizes, reference_index, refs.dtype
         ctx.dtype = free_values.dtype
         return _pieces_forward(free_values, code, offsets, a, b, refs, sizes, shapes, sma, alpha)
@@ -366,7 +437,7 @@ class _ReconstructCompactPieces(torch.autograd.Function):
         grad_free, grad_refs = _saved_backward(ctx, pieces, sizes)
         if ctx.reference_index is not None:
             grad_refs = _elements_of(grads, ctx.sizes, ctx.reference_index).to(ctx.refs_dtype)
-        return grad_free, None, None, None, None, grad_refs, *(None,) * 8
+        return grad_free, None, None, None, None, grad_refs, *(None,) * 9
 
 
 def _elements_of(grads: tuple[Tensor | None, ...], sizes: list[int], index: Tensor) -> Tensor:
@@ -492,6 +563,7 @@ def reconstruct_compact_pieces(
     decay: float = DEFAULT_DECAY,
     measure: str = DEFAULT_MEASURE,
     reference_index: Tensor | None = None,
+    refit: RefitSnapshot | None = None,
 ) -> tuple[Tensor, ...]:
     """`reconstruct_compact` (`reconstruct_compact_sma_` when `sma` is given) as the views of
     consecutive pieces of `sizes` elements: a model's layers laid end to end; 1-D, or each viewed as
@@ -501,7 +573,10 @@ def reconstruct_compact_pieces(
     first), so a model's layers cost one pass over their gradients, not a concatenation and then a
     pass. With `reference_index` (flat element per mode: METHOD.md's ``ref_grad="own"``) each mode's
     reference gets that element's gradient instead of its mode's whole gradient. `sensitivity`,
-    `decay`, `measure` as in `reconstruct_compact`.
+    `decay`, `measure` as in `reconstruct_compact`. With `refit` (its arrays one entry per FREE
+    element), the backward also adds the online refit's snapshot of free_values as it reads them
+    (`refit_update_`'s arithmetic), in the same pass, and marks the snapshot taken, then done; without
+    a backward (gradients off) the snapshot is left as it is.
     """
     _check_args(free_values, code, offsets, a, b, refs)
     sizes = [int(size) for size in sizes]
@@ -531,11 +606,21 @@ def reconstruct_compact_pieces(
     if not torch.compiler.is_compiling():  # (the ops check again, where they run; cached: no cost)
         check_code_modes(code, refs.numel())
         _check_layout(code, offsets, free_values.numel())
+    if refit is not None:
+        if not isinstance(refit, RefitSnapshot):
+            raise TypeError(f"refit: expected a stdet_kernels.RefitSnapshot, got {type(refit).__name__}")
+        if refit.taken:
+            raise ValueError("refit: this snapshot was already taken by another forward")
+        check_refit(free_values.detach(), *refit.arguments())
+        if refit.mean.device != code.device:
+            raise ValueError(f"refit: expected its tensors on {code.device}, got {refit.mean.device}")
     if not (torch.is_grad_enabled() and (free_values.requires_grad or refs.requires_grad)):
         return _pieces_forward(free_values, code, offsets, a, b, refs, sizes, shapes, sma, alpha)
+    if refit is not None:
+        refit.taken = True
     return _ReconstructCompactPieces.apply(
         free_values, code, offsets, a, b, refs, sizes, shapes, sma, alpha, sensitivity, decay, measure,
-        reference_index,
+        reference_index, refit,
     )  # fmt: skip
 
 

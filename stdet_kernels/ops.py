@@ -6,6 +6,7 @@ by `backends.select`. Checks that need only shapes and dtypes run in the public 
 tracing); the check of the codes' values runs in the real kernel, once per version of a `code` tensor.
 """
 
+import dataclasses
 import math
 import numbers
 import weakref
@@ -362,6 +363,42 @@ def refit_update_(
     its updated mean; `count`: the number of snapshots, this one included. The C++ backend makes one
     pass over memory where the torch reference (every other device) makes one per operation.
     """
+    count = check_refit(values, mean, moment2, comoment, mode, ref_deviation, count)
+    _refit_update_op(values, mean, moment2, comoment, mode, ref_deviation, count)
+
+
+@dataclasses.dataclass
+class RefitSnapshot:
+    """An online refit's snapshot to take in the next training backward (`reconstruct_compact_pieces`'s
+    `refit`): the arguments of `refit_update_` but the values, which are the layout's FREE values as
+    that backward reads them. `taken` is set by the forward that hands it to its backward, `done` by
+    that backward once the moments are updated: a snapshot taken but not done (no backward ran) is
+    left to its owner to add another way."""
+
+    mean: Tensor
+    moment2: Tensor
+    comoment: Tensor
+    mode: Tensor
+    ref_deviation: Tensor
+    count: int
+    taken: bool = False
+    done: bool = False
+
+    def arguments(self) -> tuple:
+        """(mean, moment2, comoment, mode, ref_deviation, count), `refit_update_`'s order."""
+        return self.mean, self.moment2, self.comoment, self.mode, self.ref_deviation, self.count
+
+
+def check_refit(
+    values: Tensor,
+    mean: Tensor,
+    moment2: Tensor,
+    comoment: Tensor,
+    mode: Tensor,
+    ref_deviation: Tensor,
+    count: int,
+) -> int:
+    """`refit_update_`'s checks (the modes' range only outside torch.compile); returns count."""
     for name, t in (("values", values), ("mean", mean), ("moment2", moment2), ("comoment", comoment),
                     ("mode", mode), ("ref_deviation", ref_deviation)):  # fmt: skip
         _check_tensor(name, t)
@@ -383,4 +420,4 @@ def refit_update_(
         raise ValueError(f"count: expected an integer of at least 1, got {count!r}")
     if ref_deviation.numel() and not torch.compiler.is_compiling():
         _check_modes(mode, ref_deviation.numel())
-    _refit_update_op(values, mean, moment2, comoment, mode, ref_deviation, int(count))
+    return int(count)

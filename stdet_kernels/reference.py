@@ -250,6 +250,37 @@ def sensitivity_update_(
         _running_mean_(sensitivity, grad, value, decay, fisher)
 
 
+def reconstruct_compact_backward_pieces_refit_(
+    pieces,
+    sizes,
+    free_values,
+    code,
+    offsets,
+    a,
+    refs,
+    sensitivity,
+    decay: float,
+    fisher: bool,
+    mean,
+    moment2,
+    comoment,
+    mode,
+    ref_deviation,
+    count: int,
+):
+    """`reconstruct_compact_backward_pieces` (`..._sensitivity_` when `sensitivity` is not None), and
+    in the same pass the online refit's snapshot of the FREE elements' values: `refit_update_` of
+    free_values into (mean, moment2, comoment), one entry per FREE element, in free_values' order."""
+    if sensitivity is None:
+        result = reconstruct_compact_backward_pieces(pieces, sizes, code, offsets, a, refs)
+    else:
+        result = reconstruct_compact_backward_pieces_sensitivity_(
+            pieces, sizes, free_values, code, offsets, a, refs, sensitivity, decay, fisher
+        )
+    refit_update_(free_values, mean, moment2, comoment, mode, ref_deviation, count)
+    return result
+
+
 def concatenated(pieces: list[torch.Tensor], sizes: list[int], shape) -> torch.Tensor:
     """The pieces' gradients laid end to end in `shape` (an empty piece of nonzero size: zeros)."""
     like = next(p for p in pieces if p.numel())

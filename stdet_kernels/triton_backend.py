@@ -306,16 +306,26 @@ def _reconstruct_compact_bwd_kernel(
     sensitivity_ptr,
     decay,
     complement,
+    mean_ptr,
+    moment2_ptr,
+    comoment_ptr,
+    mode_ptr,
+    deviation_ptr,
+    num_deviations,
+    inv_count,
     n,
     num_modes,
     BLOCK: tl.constexpr,
     MODES_PAD: tl.constexpr,
     WITH_SENSITIVITY: tl.constexpr,
     FISHER: tl.constexpr,
+    WITH_REFIT: tl.constexpr,
 ):
     """The compact backward; with WITH_SENSITIVITY, also the sensitivity's running mean at the FREE
     elements: decay * s + (1 - decay) * score, score = g^2 (FISHER) or |g * v|; ``complement`` is
-    1 - decay, computed by the launcher in double and rounded once, as every backend does."""
+    1 - decay, computed by the launcher in double and rounded once, as every backend does. With
+    WITH_REFIT, also the online refit's snapshot of the FREE values (`reference.refit_update_`:
+    ``inv_count`` is 1 / count rounded once, ``num_deviations`` 0 when there are no modes)."""
     block = tl.program_id(0)
     local = tl.arange(0, BLOCK)
     offsets = block.to(tl.int64) * BLOCK + local
@@ -335,6 +345,20 @@ def _reconstruct_compact_bwd_kernel(
         mean = tl.load(sensitivity_ptr + free_slot, mask=mask & is_free, other=0.0)
         mean = decay * mean + complement * score
         tl.store(sensitivity_ptr + free_slot, mean, mask=mask & is_free)
+    if WITH_REFIT:
+        free = mask & is_free
+        w = tl.load(free_ptr + free_slot, mask=free, other=0.0).to(tl.float32)
+        old_mean = tl.load(mean_ptr + free_slot, mask=free, other=0.0)
+        delta = w - old_mean
+        updated = old_mean + delta * inv_count
+        tl.store(mean_ptr + free_slot, updated, mask=free)
+        moment2 = tl.load(moment2_ptr + free_slot, mask=free, other=0.0)
+        tl.store(moment2_ptr + free_slot, moment2 + delta * (w - updated), mask=free)
+        if num_deviations > 0:
+            mode = tl.load(mode_ptr + free_slot, mask=free, other=0).to(tl.int32)
+            deviation = tl.load(deviation_ptr + mode, mask=free & (mode < num_deviations), other=0.0)
+            comoment = tl.load(comoment_ptr + free_slot, mask=free, other=0.0)
+            tl.store(comoment_ptr + free_slot, comoment + delta * deviation, mask=free)
     a = tl.load(a_ptr + embedded_slot, mask=mask & (code != _FREE), other=0.0).to(tl.float32)
     contribution = tl.where(mask & (code < _DUMMY), a * grad, 0.0)
     modes = tl.arange(0, MODES_PAD)
@@ -382,8 +406,10 @@ def reconstruct_compact_sma_(free_values, code, offsets, a, b, refs, sma, alpha)
 
 
 def _launch_compact_backward(
-    grad, code, offsets, a, refs, free_values, sensitivity, decay, fisher, with_sensitivity
+    grad, code, offsets, a, refs, free_values, sensitivity, decay, fisher, with_sensitivity, refit=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compact backward's launch; `refit` = (mean, moment2, comoment, mode, ref_deviation, count)
+    adds the online refit's snapshot of free_values."""
     n = code.numel()
     num_modes = refs.numel()
     grad_free = torch.empty(n - a.numel(), dtype=grad.dtype, device=grad.device)
@@ -393,6 +419,15 @@ def _launch_compact_backward(
         # Tensors with no element still need a valid pointer.
         placeholder = torch.zeros(1, dtype=grad.dtype, device=grad.device)
         grad_free_or_placeholder = grad_free if grad_free.numel() else placeholder
+        with_refit = refit is not None and free_values.numel() > 0
+        if with_refit:
+            mean, moment2, comoment, mode, ref_deviation, count = refit
+            deviations = ref_deviation if ref_deviation.numel() else partials
+            inv_count = float(torch.tensor(1.0 / count, dtype=torch.float32))
+        else:
+            mean = moment2 = comoment = deviations = partials
+            mode, ref_deviation, inv_count = code, partials[:0], 1.0
+        uses_values = (with_sensitivity or with_refit) and free_values.numel()
         _reconstruct_compact_bwd_kernel[(blocks,)](
             grad,
             code,
@@ -400,10 +435,17 @@ def _launch_compact_backward(
             a if a.numel() else torch.zeros(1, dtype=a.dtype, device=grad.device),
             grad_free_or_placeholder,
             partials,
-            free_values if with_sensitivity and free_values.numel() else grad_free_or_placeholder,
+            free_values if uses_values else grad_free_or_placeholder,
             sensitivity if with_sensitivity and sensitivity.numel() else partials,
             float(decay),
             1.0 - float(decay),
+            mean,
+            moment2,
+            comoment,
+            mode,
+            deviations,
+            ref_deviation.numel(),
+            inv_count,
             n,
             num_modes,
             BLOCK=COMPACT_BLOCK,
@@ -411,6 +453,7 @@ def _launch_compact_backward(
             MODES_PAD=triton.next_power_of_2(max(num_modes, 1)),
             WITH_SENSITIVITY=with_sensitivity,
             FISHER=bool(fisher),
+            WITH_REFIT=with_refit,
         )
     return grad_free, partials[:, :num_modes].sum(dim=0).to(refs.dtype)
 
@@ -441,3 +484,17 @@ def reconstruct_compact_backward_pieces_sensitivity_(
     return reconstruct_compact_backward_sensitivity_(
         grad, free_values, code, offsets, a, refs, sensitivity, decay, fisher
     )
+
+
+def reconstruct_compact_backward_pieces_refit_(
+    pieces, sizes, free_values, code, offsets, a, refs, sensitivity, decay, fisher,
+    mean, moment2, comoment, mode, ref_deviation, count,
+):  # fmt: skip
+    """The pieces backward (the sensitivity's when `sensitivity` is not None), and the online
+    refit's snapshot of free_values in the same launch."""
+    grad = concatenated(pieces, sizes, code.shape)
+    refit = (mean, moment2, comoment, mode, ref_deviation, count)
+    return _launch_compact_backward(
+        grad, code, offsets, a, refs, free_values, sensitivity, decay, fisher,
+        with_sensitivity=sensitivity is not None, refit=refit,
+    )  # fmt: skip

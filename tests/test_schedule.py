@@ -407,9 +407,9 @@ def test_a_running_stdet_takes_its_own_state_back_unchanged(steps) -> None:
 
 @pytest.mark.parametrize("arch", ["bmshj2018-factorized", "mbt2018-mean"])
 def test_a_training_steps_stdet_launches_do_not_grow_with_the_layers(arch) -> None:
-    """Forward (the SMA sample fused in), backward (the sensitivity fused in), the SMA's average of
-    the other tensors, and on refit steps the refit: the same counts with 16 tensors or 28, on every
-    step, sampling, refit and embedding-round steps included."""
+    """Forward (the SMA sample fused in), backward (the sensitivity and, on refit steps, the refit's
+    snapshot fused in), the SMA's average of the other tensors: the same counts with 16 tensors or 28,
+    on every step, sampling, refit and embedding-round steps included."""
     from stdet.train import build_model
 
     torch.manual_seed(0)
@@ -419,7 +419,7 @@ def test_a_training_steps_stdet_launches_do_not_grow_with_the_layers(arch) -> No
     config = dict(CONFIG, warmup_steps=4, snapshots=2, embed_every=3, sma_every=1)
     st = stdet.STDET(model, optimizer, stdet.STDETConfig(**config))
     assert len(st.names) >= 16
-    counts = []
+    counts, ops = [], []
     for step in range(16):
         x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(step))
         with stdet_kernels.record_calls() as calls:
@@ -429,6 +429,7 @@ def test_a_training_steps_stdet_launches_do_not_grow_with_the_layers(arch) -> No
             optimizer.step()
             st.step(loss)
         counts.append(len(calls))
+        ops.append([op for op, _ in calls])
     rounds = [h for h in st.history if h["event"] == "round"]
     assert len(rounds) >= 2 and st.sma.samples == 16 and st.refit.count > 2
     # Fitted at step 4, attached by the first round at step 7; before, the plain model: its SMA's
@@ -440,11 +441,16 @@ def test_a_training_steps_stdet_launches_do_not_grow_with_the_layers(arch) -> No
     hooks = len(st.names)
     assert counts[:4] == [0, 1, 1, 1] and counts[4:7] == [1 + hooks, 2 + hooks, 1 + hooks], counts
     # From the first step after attaching: the forward (the SMA sample fused in), the backward (the
-    # sensitivity fused in), the SMA's average of the tensors that are not embeddable, and on every
-    # snapshot interval's step the refit (one fused pass over its moments).
+    # sensitivity, and on every snapshot interval's step the refit's snapshot, fused in) and the
+    # SMA's average of the tensors that are not embeddable; nothing else.
     interval = st.snapshot_interval
-    expected = [3 + (step % interval == 0) for step in range(8, 17)]
-    assert counts[7:] == expected, counts
+    refits = [step for step in range(8, 17) if step % interval == 0]
+    assert len(refits) >= 4 and counts[7:] == [3] * 9, counts
+    for step in range(8, 17):
+        backward = [op for op in ops[step - 1] if "backward" in op]
+        fused = "reconstruct_compact_backward_pieces_refit_"
+        assert (backward == [fused]) == (step in refits), (step, ops[step - 1])
+    assert "refit_update_" not in {op for step_ops in ops[7:] for op in step_ops}
 
 
 class _ConvStack(torch.nn.Module):

@@ -55,6 +55,9 @@ class FlatLayout(nn.Module):
         self.track_sensitivity: tuple[float, str] | None = None
         # Set by `stdet.SMA`: (flat average, alpha) to update in the next reconstruction, same pass.
         self.pending_sample: tuple[Tensor, float] | None = None
+        # Set by STDET: the online refit's snapshot, for the next training backward to add in its pass
+        # (eager only; under torch.compile, and without a training forward, STDET adds it itself).
+        self.pending_refit: stdet_kernels.RefitSnapshot | None = None
         # Set by `stdet.SMA.swap`: a flat weight to return instead of the reconstruction.
         self.override: Tensor | None = None
         self._views: tuple[Tensor, ...] | None = None  # during the model's forward
@@ -166,6 +169,9 @@ class FlatLayout(nn.Module):
             options.update(sma=sample[0], alpha=sample[1])
         if self._own_references():
             options["reference_index"] = self.own_reference_index
+        refit = self.pending_refit
+        if refit is not None and not refit.taken and refit.mean.numel() == self.free_values.numel():
+            options["refit"] = refit
         return stdet_kernels.reconstruct_compact_pieces(*layout, self.sizes, shapes=self.shapes, **options)
 
     def _shaped(self, flat: Tensor) -> tuple[Tensor, ...]:

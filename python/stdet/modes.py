@@ -194,6 +194,10 @@ class OnlineRefit:
     It follows a subset of the elements (STDET: the FREE ones): per-element arrays hold the tracked
     elements only, in element order, and `remap` follows the subset as it changes. It also keeps each
     tracked element's ``a, b`` at the last `mark`, to measure their drift since.
+
+    A snapshot can come in two parts: `begin_snapshot` (the references', a few numbers) and then the
+    tracked elements' values, either by `finish_snapshot` or inside a fused backward that reads them
+    anyway (`pending_snapshot`, then `snapshot_done`); between the two, `pending_deviation` is set.
     """
 
     PER_ELEMENT = ("mode", "mean", "moment2", "comoment", "marked_a", "marked_b")
@@ -208,6 +212,9 @@ class OnlineRefit:
         self.ref_mean = fit.mean[fit.references].clone()
         self.ref_moment2 = fit.moment2[fit.references].clone()
         self.marked_a, self.marked_b = fit.a.clone(), fit.b.clone()
+        # Between begin_snapshot and the tracked values' part: each reference's deviation from its
+        # updated mean (a checkpoint keeps it, so a resumed run adds the same values' part).
+        self.pending_deviation: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "OnlineRefit":
         """Keep the running moments on `device`, that of the values it follows: a refit is then a few
@@ -215,6 +222,8 @@ class OnlineRefit:
         a host pass of 7M elements cost mbt2018-mean ~45 ms per refit)."""
         for name in (*self.PER_ELEMENT, "ref_mean", "ref_moment2"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.pending_deviation is not None:
+            self.pending_deviation = self.pending_deviation.to(device)
         return self
 
     def state_dict(self) -> dict[str, object]:
@@ -224,6 +233,7 @@ class OnlineRefit:
     @classmethod
     def from_state_dict(cls, state: dict[str, object]) -> "OnlineRefit":
         refit = cls.__new__(cls)
+        refit.pending_deviation = None  # (a state saved before snapshots came in two parts)
         vars(refit).update(state)
         return refit
 
@@ -238,12 +248,25 @@ class OnlineRefit:
         alone: STDET's FREE values and ``refs``, with no full snapshot of the weights. One fused pass
         over the per-element moments (`stdet_kernels.refit_update_`; on mbt2018-mean's 7M elements,
         2 CPU threads, about 3x faster than the same arithmetic as separate torch operations)."""
-        device = self.mean.device
-        w = tracked_values.detach().reshape(-1).to(device)
+        values = self._tracked(tracked_values)  # (checked before the snapshot begins)
+        self.begin_snapshot(reference_values)
+        self.finish_snapshot(values)
+
+    def _tracked(self, tracked_values: torch.Tensor) -> torch.Tensor:
+        """The tracked values, flat, on the moments' device, in a dtype the kernel takes."""
+        w = tracked_values.detach().reshape(-1).to(self.mean.device)
         if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             w = w.float()
         if w.shape != self.mean.shape:
             raise ValueError(f"snapshot: expected {self.mean.numel()} tracked elements, got {w.numel()}")
+        return w
+
+    def begin_snapshot(self, reference_values: torch.Tensor) -> None:
+        """A snapshot's first part: the count and the references' moments (a few numbers); the
+        tracked elements' part follows by `finish_snapshot` or by a fused backward."""
+        if self.pending_deviation is not None:
+            raise RuntimeError("refit: the previous snapshot's tracked values were never added")
+        device = self.mean.device
         self.count += 1
         deviation = torch.zeros(0, device=device)
         if self.references.numel():
@@ -252,8 +275,29 @@ class OnlineRefit:
             self.ref_mean += delta_r / self.count
             deviation = r - self.ref_mean  # each reference's new deviation, for the co-moments
             self.ref_moment2 += delta_r * deviation
+        self.pending_deviation = deviation
+
+    def pending_snapshot(self) -> stdet_kernels.RefitSnapshot:
+        """The begun snapshot's tracked part for a fused backward (`stdet_kernels.RefitSnapshot`); call
+        `snapshot_done` once it reports done."""
+        if self.pending_deviation is None:
+            raise RuntimeError("refit: no snapshot begun")
+        return stdet_kernels.RefitSnapshot(
+            self.mean, self.moment2, self.comoment, self.mode, self.pending_deviation, self.count
+        )
+
+    def snapshot_done(self) -> None:
+        """A fused backward added the begun snapshot's tracked values."""
+        self.pending_deviation = None
+
+    def finish_snapshot(self, tracked_values: torch.Tensor) -> None:
+        """The begun snapshot's tracked elements' values (in element order), one fused pass."""
+        if self.pending_deviation is None:
+            raise RuntimeError("refit: no snapshot begun")
+        w = self._tracked(tracked_values)
         moments = (self.mean, self.moment2, self.comoment)
-        stdet_kernels.refit_update_(w, *moments, self.mode, deviation, self.count)
+        stdet_kernels.refit_update_(w, *moments, self.mode, self.pending_deviation, self.count)
+        self.pending_deviation = None
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(a, b, R^2) of every tracked element on its reference, over every snapshot so far."""

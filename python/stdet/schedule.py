@@ -267,7 +267,7 @@ class STDET:
             return
         if self.config.refit and self.step_count % self.snapshot_interval == 0:
             if self.layout.attached:  # the FREE elements are the tracked ones; references are refs
-                self.refit.update_tracked(self.layout.free_values.detach(), self.refs.detach())
+                self._finish_refit_snapshot()
             else:  # every element is tracked, the references among them
                 weights = self._layer_weights()
                 self.refit.update_tracked(weights, weights[self.references.to(weights.device)])
@@ -281,6 +281,30 @@ class STDET:
             if self.trajectory.count >= self.config.accelerate_every:
                 self._accelerate()
         self._track_sensitivity()
+        self._begin_refit_snapshot()
+
+    def _begin_refit_snapshot(self) -> None:
+        """Attached, before a step whose snapshot is due: the snapshot's references' part now (refs as
+        the next backward reads them), its FREE values' part handed to that backward, which adds it in
+        the pass it makes over them anyway (no launch, no pass over memory of its own)."""
+        if not (self.config.refit and self.refit is not None and self.layout.attached):
+            return
+        if (self.step_count + 1) % self.snapshot_interval == 0:
+            self.refit.begin_snapshot(self.refs.detach())
+            self.layout.pending_refit = self.refit.pending_snapshot()
+
+    def _finish_refit_snapshot(self) -> None:
+        """Attached, on a snapshot step: the snapshot is of the FREE values this step's backward read
+        (added by it: `_begin_refit_snapshot`). Where no backward added it (no training forward since,
+        or the forward ran under torch.compile, whose traced op has no refit), the FREE values now; where
+        none was begun (the first snapshot after the model was attached), all of it now."""
+        snapshot, self.layout.pending_refit = self.layout.pending_refit, None
+        if self.refit.pending_deviation is None:
+            self.refit.update_tracked(self.layout.free_values.detach(), self.refs.detach())
+        elif snapshot is not None and snapshot.done:
+            self.refit.snapshot_done()
+        else:
+            self.refit.finish_snapshot(self.layout.free_values.detach())
 
     def _embedding_open(self) -> bool:
         """Whether a round may embed now: room under `max_embedded`, and with ``start="plateau"`` the
@@ -440,6 +464,7 @@ class STDET:
         if self.layout.attached:
             self.layout.release_all(self.optimizer)
             self.layout.track_sensitivity = None
+            self.layout.pending_refit = None
         if self.hooked is not None:
             self.hooked.remove()
             self.hooked = None
@@ -727,7 +752,7 @@ class STDET:
         if not self.layout.attached:
             self._attach(self.num_modes)
         self.phase = state["phase"]
-        self.refit = None
+        self.refit, self.layout.pending_refit = None, None
         if refit is not None:
             self.refit = OnlineRefit.from_state_dict(refit).to(self.layout.free_values.device)
         self.trajectory = None
@@ -740,6 +765,8 @@ class STDET:
         # with the model's state dict.
         self.layout.take_layout(state["code"], self.optimizer)
         self.layout.track_sensitivity = state.get("track_sensitivity")
+        if self.refit is not None and self.refit.pending_deviation is not None:  # saved between the parts
+            self.layout.pending_refit = self.refit.pending_snapshot()
 
     def _before_model_loads(self, module, state_dict, prefix, *_) -> None:
         """The model's load pre-hook: restore STDET's state first, so the layout's keys fit."""
