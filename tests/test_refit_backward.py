@@ -289,3 +289,29 @@ def test_opcheck_fused_refit_backward(backend: str, measure) -> None:
             *(m.clone() for m in moments), mode, deviation, 3)  # fmt: skip
     with stdet_kernels.use_backend(backend):
         torch.library.opcheck(torch.ops.stdet.reconstruct_compact_backward_pieces_refit_.default, args)
+
+
+def test_a_begun_snapshot_is_finished_by_the_next_step_whatever_the_schedule_says() -> None:
+    """A snapshot begun ahead is added at the next step even if the snapshot interval changed in
+    between (a benchmark or a user editing the schedule): never two begun at once."""
+    import stdet
+
+    torch.manual_seed(0)
+    model = _ConvStack()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    config = stdet.STDETConfig(
+        warmup_steps=4, snapshots=2, modes=2, samples=20, embed_every=3, embed_rate=0.3, start="warmup"
+    )
+    st = stdet.STDET(model, optimizer, config)
+    step = 0
+    while not st.layout.attached or (st.step_count + 1) % st.snapshot_interval:
+        _training_step(model, optimizer, st, step)
+        step += 1
+    count = st.refit.count  # (the begun snapshot counted already)
+    st.snapshot_interval = 7  # the next step is no longer a snapshot step
+    begun = 0
+    for extra in range(8):
+        _training_step(model, optimizer, st, step + extra)
+        assert st.refit.pending_deviation is None or (st.step_count + 1) % 7 == 0
+        begun += (st.step_count + 1) % 7 == 0
+    assert begun == 1 and st.refit.count == count + begun

@@ -265,9 +265,11 @@ class STDET:
                     self.phase = "waiting"
                     self.history.append({"step": self.step_count, "event": "waiting", "trend": trend})
             return
-        if self.config.refit and self.step_count % self.snapshot_interval == 0:
+        if self.refit is not None and self.refit.pending_deviation is not None:
+            self._finish_refit_snapshot()  # begun by the last step, whatever the schedule says now
+        elif self.config.refit and self.step_count % self.snapshot_interval == 0:
             if self.layout.attached:  # the FREE elements are the tracked ones; references are refs
-                self._finish_refit_snapshot()
+                self.refit.update_tracked(self.layout.free_values.detach(), self.refs.detach())
             else:  # every element is tracked, the references among them
                 weights = self._layer_weights()
                 self.refit.update_tracked(weights, weights[self.references.to(weights.device)])
@@ -294,14 +296,12 @@ class STDET:
             self.layout.pending_refit = self.refit.pending_snapshot()
 
     def _finish_refit_snapshot(self) -> None:
-        """Attached, on a snapshot step: the snapshot is of the FREE values this step's backward read
-        (added by it: `_begin_refit_snapshot`). Where no backward added it (no training forward since,
-        or the forward ran under torch.compile, whose traced op has no refit), the FREE values now; where
-        none was begun (the first snapshot after the model was attached), all of it now."""
+        """The step after `_begin_refit_snapshot`: the snapshot is of the FREE values this step's
+        backward read, added by it. Where no backward added it (no training forward since, or the
+        forward ran under torch.compile, whose traced op has no refit), the FREE values now. (The
+        first snapshot after the model was attached was not begun ahead: all of it at its step.)"""
         snapshot, self.layout.pending_refit = self.layout.pending_refit, None
-        if self.refit.pending_deviation is None:
-            self.refit.update_tracked(self.layout.free_values.detach(), self.refs.detach())
-        elif snapshot is not None and snapshot.done:
+        if snapshot is not None and snapshot.done:
             self.refit.snapshot_done()
         else:
             self.refit.finish_snapshot(self.layout.free_values.detach())
