@@ -135,3 +135,26 @@ def compact_case_id(case) -> str:
     n, mix, modes, dtype, coef = case
     name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
     return f"{n}-{mix}-{modes}modes-{name(dtype)}-coef_{name(coef)}"
+
+
+def compact_refs_bound(grad, code, offsets, a, refs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 dL/drefs of the compact backward, bound on a float32 evaluation of it): relative to
+    the sum of the terms' magnitudes, plus one rounding to a 16-bit refs dtype."""
+    exact = reference.reconstruct_compact_backward(grad.double(), code, offsets, a.double(), refs.double())[1]
+    magnitude = reference.reconstruct_compact_backward(
+        grad.double().abs(), code, offsets, a.double().abs(), refs.double()
+    )[1]
+    rounding = 2.0**-8 if refs.dtype != torch.float32 else 0.0  # one rounding to a 16-bit refs dtype
+    return exact, 1e-5 * magnitude + rounding * exact.abs() + 1e-6
+
+
+class ConvStack(torch.nn.Module):
+    """Two convolutions: the smallest model STDET lays out (two embeddable tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.second = torch.nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))

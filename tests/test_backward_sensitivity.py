@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import MIXES, Target, assert_verbose_close, make_inputs, require
+from helpers import MIXES, Target, assert_verbose_close, compact_refs_bound, make_inputs, require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,15 +61,6 @@ def _exact_sensitivity(grad, free_values, code, sensitivity, decay: float, measu
     return kept + added, 4 * torch.finfo(torch.float32).eps * (kept.abs() + added.abs()) + 1e-30
 
 
-def _refs_bound(grad, code, offsets, a, refs) -> tuple[torch.Tensor, torch.Tensor]:
-    exact = reference.reconstruct_compact_backward(grad.double(), code, offsets, a.double(), refs.double())[1]
-    magnitude = reference.reconstruct_compact_backward(
-        grad.double().abs(), code, offsets, a.double().abs(), refs.double()
-    )[1]
-    rounding = 2.0**-8 if refs.dtype != torch.float32 else 0.0  # one rounding to a 16-bit refs dtype
-    return exact, 1e-5 * magnitude + rounding * exact.abs() + 1e-6
-
-
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_fused_backward_matches_reference(target: Target, case) -> None:
     n, mix, modes, dtype, coef, measure, decay = case
@@ -88,7 +79,7 @@ def test_fused_backward_matches_reference(target: Target, case) -> None:
 
     assert grad_free.dtype == dtype and torch.equal(grad_free, grad[code == FREE])
     assert torch.equal(expected_free, grad_free)
-    exact_refs, refs_bound = _refs_bound(grad, code, offsets, a, refs)
+    exact_refs, refs_bound = compact_refs_bound(grad, code, offsets, a, refs)
     assert grad_refs.dtype == refs.dtype
     assert_verbose_close("dL/drefs", grad_refs, exact_refs, refs_bound)
     assert_verbose_close("dL/drefs (reference)", expected_refs, exact_refs, refs_bound)
@@ -403,5 +394,5 @@ def test_fused_backward_is_bitwise_the_reference(property_backend: str, drawn) -
         )
     assert torch.equal(grad_free, expected_free)
     assert torch.equal(sensitivity, expected)
-    exact_refs, refs_bound = _refs_bound(grad, code, offsets, a, refs)
+    exact_refs, refs_bound = compact_refs_bound(grad, code, offsets, a, refs)
     assert_verbose_close("dL/drefs", grad_refs, exact_refs, refs_bound)

@@ -7,7 +7,7 @@ training step, whose snapshot is the FREE values its backward read."""
 
 import pytest
 import torch
-from helpers import MIXES, Target, assert_verbose_close, make_inputs, require
+from helpers import MIXES, ConvStack, Target, assert_verbose_close, compact_refs_bound, make_inputs, require
 
 import stdet_kernels
 from stdet_kernels import FREE, RefitSnapshot, reference
@@ -71,15 +71,6 @@ def _expected(problem, measure, count):
     return result, sensitivity, moments
 
 
-def _refs_bound(grad, code, offsets, a, refs) -> tuple[torch.Tensor, torch.Tensor]:
-    exact = reference.reconstruct_compact_backward(grad.double(), code, offsets, a.double(), refs.double())[1]
-    magnitude = reference.reconstruct_compact_backward(
-        grad.double().abs(), code, offsets, a.double().abs(), refs.double()
-    )[1]
-    rounding = 2.0**-8 if refs.dtype != torch.float32 else 0.0  # one rounding to a 16-bit refs dtype
-    return exact, 1e-5 * magnitude + rounding * exact.abs() + 1e-6
-
-
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_fused_refit_backward_matches_reference(target: Target, case) -> None:
     n, mix, modes, dtype, coef, measure, count = case
@@ -102,7 +93,7 @@ def test_fused_refit_backward_matches_reference(target: Target, case) -> None:
     grad_free, grad_refs = grad_free.cpu(), grad_refs.cpu()
     assert grad_free.dtype == dtype and torch.equal(grad_free, grad[code == FREE])
     assert torch.equal(expected_free, grad_free)
-    exact_refs, refs_bound = _refs_bound(grad, code, offsets, a, refs)
+    exact_refs, refs_bound = compact_refs_bound(grad, code, offsets, a, refs)
     assert grad_refs.dtype == refs.dtype
     assert_verbose_close("dL/drefs", grad_refs, exact_refs, refs_bound)
     assert_verbose_close("dL/drefs (reference)", expected_refs, exact_refs, refs_bound)
@@ -221,16 +212,6 @@ def test_bad_refit_arguments_name_the_argument() -> None:
         call(snapshot)
 
 
-class _ConvStack(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.second = torch.nn.Conv2d(8, 3, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(torch.relu(self.first(x)))
-
-
 def _training_step(model, optimizer, st, step: int, backward: bool = True) -> None:
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(step))
     optimizer.zero_grad()
@@ -241,15 +222,12 @@ def _training_step(model, optimizer, st, step: int, backward: bool = True) -> No
     st.step(loss.detach())
 
 
-@pytest.mark.parametrize("backward", (True, False))
-def test_stdet_refit_snapshot_is_of_the_values_the_steps_backward_read(backward: bool) -> None:
-    """Attached, a snapshot step's refit adds the FREE values as they were before the step (those its
-    backward read), in that backward; a step with no backward (here: none called) adds them at
-    `STDET.step`, unchanged by an optimizer step that had no gradients."""
+def _attached_with_a_begun_snapshot():
+    """(model, optimizer, STDET, next step): trained until attached and a snapshot begun ahead."""
     import stdet
 
     torch.manual_seed(0)
-    model = _ConvStack()
+    model = ConvStack()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     config = stdet.STDETConfig(
         warmup_steps=4, snapshots=2, modes=2, samples=20, embed_every=3, embed_rate=0.3, start="warmup"
@@ -259,6 +237,15 @@ def test_stdet_refit_snapshot_is_of_the_values_the_steps_backward_read(backward:
     while not st.layout.attached or (st.step_count + 1) % st.snapshot_interval:
         _training_step(model, optimizer, st, step)
         step += 1
+    return model, optimizer, st, step
+
+
+@pytest.mark.parametrize("backward", (True, False))
+def test_stdet_refit_snapshot_is_of_the_values_the_steps_backward_read(backward: bool) -> None:
+    """Attached, a snapshot step's refit adds the FREE values as they were before the step (those its
+    backward read), in that backward; a step with no backward (here: none called) adds them at
+    `STDET.step`, unchanged by an optimizer step that had no gradients."""
+    model, optimizer, st, step = _attached_with_a_begun_snapshot()
     layout, refit = st.layout, st.refit
     assert layout.pending_refit is not None and refit.pending_deviation is not None
     deviation, count = refit.pending_deviation.clone(), refit.count
@@ -294,19 +281,7 @@ def test_opcheck_fused_refit_backward(backend: str, measure) -> None:
 def test_a_begun_snapshot_is_finished_by_the_next_step_whatever_the_schedule_says() -> None:
     """A snapshot begun ahead is added at the next step even if the snapshot interval changed in
     between (a benchmark or a user editing the schedule): never two begun at once."""
-    import stdet
-
-    torch.manual_seed(0)
-    model = _ConvStack()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    config = stdet.STDETConfig(
-        warmup_steps=4, snapshots=2, modes=2, samples=20, embed_every=3, embed_rate=0.3, start="warmup"
-    )
-    st = stdet.STDET(model, optimizer, config)
-    step = 0
-    while not st.layout.attached or (st.step_count + 1) % st.snapshot_interval:
-        _training_step(model, optimizer, st, step)
-        step += 1
+    model, optimizer, st, step = _attached_with_a_begun_snapshot()
     count = st.refit.count  # (the begun snapshot counted already)
     st.snapshot_interval = 7  # the next step is no longer a snapshot step
     begun = 0

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from compressai.models import FactorizedPrior
+from helpers import ConvStack
 
 import stdet
 import stdet_kernels
@@ -453,16 +454,6 @@ def test_a_training_steps_stdet_launches_do_not_grow_with_the_layers(arch) -> No
     assert "refit_update_" not in {op for step_ops in ops[7:] for op in step_ops}
 
 
-class _ConvStack(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.second = torch.nn.Conv2d(8, 3, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(torch.relu(self.first(x)))
-
-
 @pytest.mark.parametrize("ref_grad", ["full", "own"])
 def test_a_model_stdet_has_attached_compiles_with_fullgraph_and_matches_eager(ref_grad) -> None:
     """The layout's forward hooks, the flat fused op (SMA sample and sensitivity included) and the
@@ -470,7 +461,7 @@ def test_a_model_stdet_has_attached_compiles_with_fullgraph_and_matches_eager(re
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = _ConvStack()
+        model = ConvStack()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         config = stdet.STDETConfig(
             warmup_steps=2, snapshots=2, modes=2, samples=20, embed_every=1, sma_every=1, start="warmup",
