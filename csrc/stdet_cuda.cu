@@ -409,17 +409,11 @@ __global__ void reconstruct_compact_backward_kernel(const value_t* __restrict__ 
                                                          update.decay, update.complement);
         }
         if constexpr (kWithRefit) {
-          const float w = static_cast<float>(update.free_values[slot]);
-          const float old_mean = refit.mean[slot];
-          const float delta = w - old_mean;
-          const float updated = old_mean + delta * refit.inv_count;
-          refit.mean[slot] = updated;
-          refit.moment2[slot] = refit.moment2[slot] + delta * (w - updated);
-          if (refit.num_deviations > 0) {
-            const int m = refit.mode[slot];
-            const float deviation = m < refit.num_deviations ? refit.deviation[m] : 0.0f;
-            refit.comoment[slot] = refit.comoment[slot] + delta * deviation;
-          }
+          const bool with_modes = refit.num_deviations > 0;
+          const int m = with_modes ? refit.mode[slot] : 0;
+          stdet::refit_moments(static_cast<float>(update.free_values[slot]), refit.inv_count,
+                               with_modes, m < refit.num_deviations ? refit.deviation[m] : 0.0f,
+                               refit.mean[slot], refit.moment2[slot], refit.comoment[slot]);
         }
       } else {
         contribution = stdet::ref_grad_contribution(

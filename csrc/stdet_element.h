@@ -80,4 +80,17 @@ C10_HOST_DEVICE inline float running_mean(float mean, float score, float decay, 
   return decay * mean + complement * score;
 }
 
+// The online refit's Welford update of one element's running moments by its value w, in place:
+// delta = w - mean, mean += delta * inv_count, moment2 += delta * (w - mean) and, with modes,
+// comoment += delta * deviation (deviation: its reference's value minus the reference's updated
+// mean). Each product and sum rounded once, in this order (refit_update_ in the reference).
+C10_HOST_DEVICE inline void refit_moments(float w, float inv_count, bool with_modes, float deviation,
+                                          float& mean, float& moment2, float& comoment) {
+  const float delta = w - mean;
+  const float updated = mean + delta * inv_count;
+  mean = updated;
+  moment2 = moment2 + delta * (w - updated);
+  if (with_modes) comoment = comoment + delta * deviation;
+}
+
 }  // namespace stdet

@@ -43,6 +43,7 @@ from .ops import (
     check_tensor_lists,
     run_grouped,
     run_kernel,
+    written_in_place,
 )
 from .reference import COMPACT_BLOCK, compact_offsets, pack, unpack
 
@@ -256,18 +257,14 @@ def _reconstruct_compact_backward_pieces_refit_op(
     _check_layout(code, offsets, free_values.numel())
     kernel = select(code.device, "reconstruct_compact_backward_pieces_refit_")
     pieces, sizes = _pieces(pieces, sizes)
-    moments = (mean, moment2, comoment) if sensitivity is None else (sensitivity, mean, moment2, comoment)
-    written = tuple(t.contiguous() for t in moments)
-    *running, mean_c, moment2_c, comoment_c = written
-    result = kernel(
-        pieces, sizes, free_values.contiguous(), code.contiguous(), offsets.contiguous(), a.contiguous(),
-        refs.contiguous(), running[0] if running else None, decay, measure == "fisher",
-        mean_c, moment2_c, comoment_c, element_mode.contiguous(), ref_deviation.contiguous(), count,
-    )  # fmt: skip
-    for given, out in zip(moments, written, strict=True):
-        if out is not given:
-            given.copy_(out)
-    return result
+    written = (mean, moment2, comoment) if sensitivity is None else (sensitivity, mean, moment2, comoment)
+    with written_in_place(*written) as (*running, mean, moment2, comoment):
+        return kernel(
+            pieces, sizes, free_values.contiguous(), code.contiguous(), offsets.contiguous(),
+            a.contiguous(), refs.contiguous(), running[0] if running else None, decay,
+            measure == "fisher", mean, moment2, comoment, element_mode.contiguous(),
+            ref_deviation.contiguous(), count,
+        )  # fmt: skip
 
 
 @_reconstruct_compact_backward_pieces_refit_op.register_fake
@@ -328,8 +325,7 @@ def _saved_backward(ctx, grad, sizes: list[int] | None = None):
     code, offsets, a, refs, *free_values = ctx.saved_tensors
     layout = (code, offsets, a, refs)
     free_values = free_values[0] if free_values else None
-    refit = getattr(ctx, "refit", None)
-    ctx.refit = None  # one snapshot, even if the graph is run backward again (retain_graph)
+    refit, ctx.refit = ctx.refit, None  # one snapshot, even if the graph is run backward again
     return _compact_backward(grad, free_values, layout, ctx.sensitivity, ctx.decay, ctx.measure, sizes, refit)
 
 

@@ -6,6 +6,7 @@ by `backends.select`. Checks that need only shapes and dtypes run in the public 
 tracing); the check of the codes' values runs in the real kernel, once per version of a `code` tensor.
 """
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -145,6 +146,17 @@ def _check_modes(mode: Tensor, num_modes: int) -> None:
     _checked_modes.remember(mode, token=num_modes)
 
 
+@contextlib.contextmanager
+def written_in_place(*tensors: Tensor):
+    """Contiguous stand-ins for tensors a kernel writes in place (each tensor itself where it is
+    contiguous); on leaving the block, a stand-in that is a copy is written back to its tensor."""
+    contiguous = tuple(t.contiguous() for t in tensors)
+    yield contiguous
+    for given, written in zip(tensors, contiguous, strict=True):
+        if written is not given:
+            given.copy_(written)
+
+
 def run_kernel(
     op: str,
     device: torch.device,
@@ -161,11 +173,8 @@ def run_kernel(
     contiguous = tuple(t.contiguous() for t in tensors)
     if updated is None:
         return kernel(*leading, *contiguous, *scalars)
-    updated_contiguous = updated.contiguous()
-    result = kernel(*leading, *contiguous, updated_contiguous, *scalars)
-    if updated_contiguous is not updated:
-        updated.copy_(updated_contiguous)
-    return result
+    with written_in_place(updated) as (updated_contiguous,):
+        return kernel(*leading, *contiguous, updated_contiguous, *scalars)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,13 +339,10 @@ def _refit_update_op(
     ref_deviation: Tensor,
     count: int,
 ) -> None:
-    contiguous = tuple(t.contiguous() for t in (mean, moment2, comoment))
-    select(values.device, "refit_update_")(
-        values.contiguous(), *contiguous, element_mode.contiguous(), ref_deviation.contiguous(), count
-    )
-    for given, written in zip((mean, moment2, comoment), contiguous, strict=True):
-        if written is not given:
-            given.copy_(written)
+    with written_in_place(mean, moment2, comoment) as moments:
+        select(values.device, "refit_update_")(
+            values.contiguous(), *moments, element_mode.contiguous(), ref_deviation.contiguous(), count
+        )
 
 
 @_refit_update_op.register_fake
