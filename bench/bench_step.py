@@ -2,13 +2,16 @@
 ``start="plateau"`` before the loss flattens), all FREE (modes fitted, before the first round: the
 model not attached yet, the sensitivity tracked by gradient hooks), at 50%, 80% and 90% embedded, and
 released after the lr drop (attached, every element FREE again), on two model sizes, timed phase by
-phase with the cases interleaved.
+phase with the cases interleaved (in a shuffled order each round, so that no case always follows the
+same one), with the standard error of each case's ratio to plain from the paired per-round
+differences.
 
 A step is what `stdet train` does: zero the gradients, forward and RD loss, backward, Adam on the
 network and the aux loss with its Adam, then `STDET.step(loss)`. On this shared machine timings drift
 by 10-30% over minutes, so the cases run in one process, one step of each in turn (A B C A B C ...),
-and each case's mean is over whole periods of the schedule's refit (every `REFIT_INTERVAL` steps,
-the only periodic work in `STDET.step` between rounds; no embedding round runs while timing). Also
+and each case's mean is over whole periods of the schedule's refit (every `REFIT_INTERVAL` steps, as
+with the defaults, the only periodic work in `STDET.step` between rounds; no embedding round runs
+while timing). Also
 counted: the stdet op launches of a step, the most of any step of a whole refit period
 (`stdet_kernels.record_calls`; the refit's own step included, whose snapshot the backward takes).
 
@@ -20,7 +23,9 @@ import argparse
 import json
 import math
 import platform
+import random
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -50,7 +55,10 @@ STATES = {
     # free_values.
     "released after the lr drop": ("released", False),
 }
-REFIT_INTERVAL = 10
+# The snapshot interval of the default schedule (warmup_steps // snapshots: 1000 // 20), which the
+# refit and, waiting for a plateau, the probe follow.
+REFIT_INTERVAL = 50
+QUICK_INTERVAL = 5
 PHASES = ("forward", "backward", "optimizer", "stdet")
 
 
@@ -68,7 +76,9 @@ def rd_loss(out: dict, x: torch.Tensor) -> torch.Tensor:
 class Case:
     """One model in one state, with its optimizers and (but for plain) its STDET."""
 
-    def __init__(self, arch: str, state: str, device: str = "cpu", batch_scale: int = 1) -> None:
+    def __init__(
+        self, arch: str, state: str, device: str = "cpu", batch_scale: int = 1, interval: int = REFIT_INTERVAL
+    ) -> None:
         import stdet
         from stdet.data import RandomCrops, bundled_images
         from stdet.train import build_model
@@ -108,7 +118,7 @@ class Case:
             assert self.st.phase == "released" and self.st.embedded_fraction() == 0.0, self.st.phase
         if self.st is not None:
             self.st.config.embed_every = 10**9
-            self.st.snapshot_interval = REFIT_INTERVAL
+            self.st.snapshot_interval = interval
             self.st.step_count = 0  # refits at steps 10, 20, ... of the timed steps
             self.st._track_sensitivity = lambda: None  # this case's setting, every step
             config = self.st.config
@@ -155,42 +165,56 @@ class Case:
         times.setdefault("faults", []).append(page_faults() - faults)
 
 
-def launches(case: Case) -> int:
+def step_totals(case: Case) -> list[float]:
+    """Each timed step's total of `case`, in ms, in the order of the rounds."""
+    return [sum(phases) * 1e3 for phases in zip(*(case.times[phase] for phase in PHASES), strict=True)]
+
+
+def launches(case: Case, interval: int) -> int:
     """The most stdet op calls in one training step of `case`, over the steps of a refit period."""
     import stdet_kernels
 
     counts = []
-    for _ in range(REFIT_INTERVAL):
+    for _ in range(interval):
         with stdet_kernels.record_calls() as calls:
             case.step({})
         counts.append(len(calls))
     return max(counts)
 
 
-def measure(steps: int, device: str = "cpu", batch_scale: int = 1) -> dict:
+def measure(steps: int, device: str = "cpu", batch_scale: int = 1, interval: int = REFIT_INTERVAL) -> dict:
     if device == "cpu":
         torch.set_num_threads(2)
     results = {}
+    order = random.Random(0)
     for arch in MODELS:
-        cases = {state: Case(arch, state, device, batch_scale) for state in STATES}
-        for _ in range(steps):  # interleaved: one step of each case in turn
-            for case in cases.values():
+        cases = {state: Case(arch, state, device, batch_scale, interval) for state in STATES}
+        rounds = list(cases.values())
+        for _ in range(steps):  # interleaved: one step of each case per round, in a shuffled order
+            order.shuffle(rounds)
+            for case in rounds:
                 case.step(case.times)
+        plain = step_totals(cases["plain"])
         for state, case in cases.items():
             means = {phase: sum(case.times[phase]) / len(case.times[phase]) * 1e3 for phase in PHASES}
+            differences = [t - p for t, p in zip(step_totals(case), plain, strict=True)]
             results[(arch, state)] = {
                 **means,
                 "total": sum(means.values()),
+                # The ratio's standard error: the paired per-round differences' over plain's mean.
+                "ratio_se": statistics.stdev(differences) / math.sqrt(steps) / statistics.fmean(plain),
                 "page_faults": sum(case.times["faults"]) / len(case.times["faults"]),
                 "embedded": case.embedded,
                 "trainable": case.trainable,
-                "launches": launches(case),
+                "launches": launches(case, interval),
                 "layers": 0 if case.st is None else len(case.st.names),
             }
     return results
 
 
-def report(results: dict, steps: int, device: str = "cpu", batch_scale: int = 1) -> str:
+def report(
+    results: dict, steps: int, device: str = "cpu", batch_scale: int = 1, interval: int = REFIT_INTERVAL
+) -> str:
     if device == "cpu":
         cpu = platform.processor() or platform.machine()
         try:
@@ -204,15 +228,16 @@ def report(results: dict, steps: int, device: str = "cpu", batch_scale: int = 1)
         where = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
         command = f"python bench/bench_step.py --device {device} --batch-scale {batch_scale}"
     lines = [
-        f"Training step, Adam, {where}, `{command}`. Cases interleaved step by "
-        f"step in one process; means over {steps} steps ({steps // REFIT_INTERVAL} whole refit periods of "
-        f"{REFIT_INTERVAL} steps). Times in ms; launches: stdet op calls in a step, the most over a refit "
-        f"period; page faults: minor "
-        "faults per step (memory taken fresh from the OS).",
+        f"Training step, Adam, {where}, `{command}`. Cases interleaved step by step in one process, "
+        f"in a shuffled order each round; means over {steps} steps ({steps // interval} whole "
+        f"refit periods of {interval} steps, the default schedule's). Times in ms; launches: stdet op "
+        "calls in a step, the most over a refit period; page faults: minor faults per step (memory "
+        "taken fresh from the OS); SE: the standard error of the ratio to plain, from the paired "
+        "per-round differences.",
         "",
         "| model (batch) | state | forward | backward | optimizer | `STDET.step` | total | vs plain "
-        "| trainable elements | launches | page faults |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| SE | trainable elements | launches | page faults |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (arch, state), row in results.items():
         (n, m), batch = MODELS[arch]
@@ -220,29 +245,64 @@ def report(results: dict, steps: int, device: str = "cpu", batch_scale: int = 1)
         plain = results[(arch, "plain")]["total"]
         label = f"{arch} N={n} M={m} ({batch}x3x{SIZE}x{SIZE})"
         stdet_ms = "-" if state == "plain" else f"{row['stdet']:.1f}"
+        se = "-" if state == "plain" else f"{row['ratio_se']:.3f}"
         lines.append(
             f"| {label} | {state} | {row['forward']:.1f} | {row['backward']:.1f} | {row['optimizer']:.1f} | "
-            f"{stdet_ms} | {row['total']:.1f} | {row['total'] / plain:.3f}x | {row['trainable']:,} | "
+            f"{stdet_ms} | {row['total']:.1f} | {row['total'] / plain:.3f}x | {se} | "
+            f"{row['trainable']:,} | "
             f"{row['launches']} | {row['page_faults']:.0f} |"
         )
+    lines += ["", *period_means(results)]
     return "\n".join(lines) + "\n"
+
+
+def period_means(results: dict) -> list[str]:
+    """What a step costs on average over an embedding period with the default schedule: the
+    sensitivity is tracked in the window before each round (`STDET.sensitivity_window` steps of
+    every `embed_every`) until `max_embedded`, from the tracking and not-tracking rows above."""
+    import stdet
+
+    config = stdet.STDETConfig()
+    window = math.ceil(math.log(0.01) / math.log(config.sensitivity_decay))
+    share = window / config.embed_every
+    lines = [
+        f"Over an embedding period with the defaults (the sensitivity tracked in {window} of every "
+        f"{config.embed_every} steps), from the rows above:",
+        "",
+    ]
+    for arch in MODELS:
+        plain = results[(arch, "plain")]["total"]
+        parts = []
+        for tracked, untracked in (
+            ("all FREE", "all FREE, not tracking"),
+            ("80% embedded", "80% embedded, not tracking"),
+        ):
+            ratio = (
+                share * results[(arch, tracked)]["total"] + (1 - share) * results[(arch, untracked)]["total"]
+            ) / plain
+            parts.append(f"{tracked} {ratio:.3f}x")
+        lines.append(f"- {arch}: " + ", ".join(parts))
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=4 * REFIT_INTERVAL, help="timed steps per case")
-    parser.add_argument("--quick", action="store_true", help="one refit period, results not written")
+    parser.add_argument("--steps", type=int, default=2 * REFIT_INTERVAL, help="timed steps per case")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"refits every {QUICK_INTERVAL} steps, results not written"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (the README's table) or cuda")
     parser.add_argument("--batch-scale", type=int, default=1, help="multiply each model's batch")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     args = parser.parse_args()
-    steps = REFIT_INTERVAL if args.quick else args.steps
-    if steps % REFIT_INTERVAL:
-        parser.error(f"--steps: expected a multiple of the refit interval, {REFIT_INTERVAL}")
-    results = measure(steps, args.device, args.batch_scale)
-    text = report(results, steps, args.device, args.batch_scale)
+    interval = QUICK_INTERVAL if args.quick else REFIT_INTERVAL
+    steps = 2 * QUICK_INTERVAL if args.quick else args.steps
+    if steps % interval:
+        parser.error(f"--steps: expected a multiple of the refit interval, {interval}")
+    results = measure(steps, args.device, args.batch_scale, interval)
+    text = report(results, steps, args.device, args.batch_scale, interval)
     print(text)
     if not args.quick:
         name = "step" if args.device == "cpu" else f"step_gpu_b{args.batch_scale}"

@@ -498,14 +498,21 @@ constexpr bool kAvx2Types =
 
 // w, and when kWithAverage the SMA's average, for the block [begin, end) of float32 values (float32
 // or bfloat16 coefficients). Returns the first element it left to the caller (the groups whose loads
-// would run past the end of free_values or a, b: at most the last few of the whole axis).
+// would run past the end of a, b: at most the last few of the whole axis).
 template <typename coef_t, bool kWithAverage>
 __attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
-    const float* __restrict__ free_values, int64_t& free_slot, int64_t free_total,
-    const uint8_t* __restrict__ code, const coef_t* __restrict__ a, const coef_t* __restrict__ b,
-    int64_t& embedded_slot, int64_t embedded_total, const float* __restrict__ table,
-    float* __restrict__ out, float* __restrict__ sma, float alpha, int64_t begin, int64_t end) {
+    const float* __restrict__ free_values, int64_t& free_slot, const uint8_t* __restrict__ code,
+    const coef_t* __restrict__ a, const coef_t* __restrict__ b, int64_t& embedded_slot,
+    int64_t embedded_total, const float* __restrict__ table, int64_t num_modes, float* __restrict__ out, float* __restrict__ sma, float alpha, int64_t begin,
+    int64_t end) {
   const __m128i free_code = _mm_set1_epi8(static_cast<char>(stdet::kFree));
+  // Up to 16 modes (the default is 10) the references are two registers and a code's is a permute
+  // by its low 3 bits, blended by bit 3: a gather costs several times as much. FREE and DUMMY codes
+  // read some entry there, blended away below as they are on the gather's path.
+  const bool small_table = num_modes <= 16;
+  const __m256 table_low = _mm256_loadu_ps(table);
+  const __m256 table_high = _mm256_loadu_ps(table + 8);
+  const __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i free32 = _mm256_set1_epi32(stdet::kFree);
   const __m256i dummy32 = _mm256_set1_epi32(stdet::kDummy);
   const __m256 alpha8 = _mm256_set1_ps(alpha);
@@ -513,19 +520,25 @@ __attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
   for (; i + 8 <= end && embedded_slot + 8 <= embedded_total; i += 8) {
     const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(code + i));
     const int free_bits = _mm_movemask_epi8(_mm_cmpeq_epi8(codes, free_code)) & 0xff;
-    __m256 value = _mm256_setzero_ps();
-    if (free_bits != 0) {
-      if (free_slot + 8 > free_total) break;
-      const __m256i to_free =
-          _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.expand[free_bits]));
-      value = _mm256_permutevar8x32_ps(_mm256_loadu_ps(free_values + free_slot), to_free);
-    }
+    const int free_here = __builtin_popcount(free_bits);
+    // The group's FREE values: a masked load of as many as it has (no branch, which on a mixed
+    // layout mispredicts; no read past free_values' end), spread to their lanes.
+    const __m256i first_lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(free_here), lane_index);
+    const __m256i to_free =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.expand[free_bits]));
+    const __m256 value = _mm256_permutevar8x32_ps(
+        _mm256_maskload_ps(free_values + free_slot, first_lanes), to_free);
     const __m256i codes32 = _mm256_cvtepu8_epi32(codes);
     const __m256i to_other =
         _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneTables.expand[~free_bits & 0xff]));
     const __m256 av = _mm256_permutevar8x32_ps(load8_as_float(a + embedded_slot), to_other);
     const __m256 bv = _mm256_permutevar8x32_ps(load8_as_float(b + embedded_slot), to_other);
-    const __m256 ref = _mm256_i32gather_ps(table, codes32, 4);
+    const __m256 ref =
+        small_table
+            ? _mm256_blendv_ps(_mm256_permutevar8x32_ps(table_low, codes32),
+                               _mm256_permutevar8x32_ps(table_high, codes32),
+                               _mm256_castsi256_ps(_mm256_slli_epi32(codes32, 28)))
+            : _mm256_i32gather_ps(table, codes32, 4);
     const __m256 embedded = _mm256_add_ps(_mm256_mul_ps(av, ref), bv);  // a * ref + b, two roundings
     const __m256 is_free = _mm256_castsi256_ps(_mm256_cmpeq_epi32(codes32, free32));
     const __m256 is_dummy = _mm256_castsi256_ps(_mm256_cmpeq_epi32(codes32, dummy32));
@@ -536,7 +549,6 @@ __attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
       _mm256_storeu_ps(sma + i,
                        _mm256_add_ps(average, _mm256_mul_ps(alpha8, _mm256_sub_ps(w, average))));
     }
-    const int free_here = __builtin_popcount(free_bits);
     free_slot += free_here;
     embedded_slot += 8 - free_here;
   }
@@ -609,9 +621,10 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
                                 const uint8_t* __restrict__ code,
                                 const int32_t* __restrict__ offsets,
                                 const coef_t* __restrict__ a, const coef_t* __restrict__ b,
-                                const RefTable& table, value_t* __restrict__ out,
-                                value_t* __restrict__ sma, float alpha, int64_t n,
-                                int64_t free_count, int64_t block_begin, int64_t block_end) {
+                                const RefTable& table, int64_t num_modes,
+                                value_t* __restrict__ out, value_t* __restrict__ sma, float alpha,
+                                int64_t n, int64_t free_count, int64_t block_begin,
+                                int64_t block_end) {
   bool use_avx2 = false;  // blocks with none FREE then take it too: faster than their loop below
 #if defined(STDET_AVX2)
   if constexpr (kAvx2Types<value_t, coef_t>) use_avx2 = g_simd.load(std::memory_order_relaxed);
@@ -650,8 +663,8 @@ void reconstruct_compact_blocks(const value_t* __restrict__ free_values,
       if constexpr (kAvx2Types<value_t, coef_t>) {
         if (use_avx2) {
           first = reconstruct_mixed_avx2<coef_t, kWithAverage>(
-              free_values, free_slot, free_count, code, a, b, embedded_slot, n - free_count,
-              table.data(), out, sma, alpha, begin, end);
+              free_values, free_slot, code, a, b, embedded_slot, n - free_count, table.data(),
+              num_modes, out, sma, alpha, begin, end);
         }
       }
 #endif
@@ -724,8 +737,8 @@ at::Tensor reconstruct_compact_impl(const at::Tensor& free_values, const at::Ten
       const float alpha_f = static_cast<float>(alpha);
       at::parallel_for(0, blocks, kGrain / kCompactBlock, [&](int64_t first, int64_t last) {
         reconstruct_compact_blocks<value_t, coef_t, kWithAverage>(
-            free_ptr, code_ptr, offsets_ptr, a_ptr, b_ptr, table, out_ptr, sma_ptr, alpha_f, n,
-            free_values.numel(), first, last);
+            free_ptr, code_ptr, offsets_ptr, a_ptr, b_ptr, table, refs.numel(), out_ptr, sma_ptr,
+            alpha_f, n, free_values.numel(), first, last);
       });
     });
   });

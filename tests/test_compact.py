@@ -13,7 +13,8 @@ NEARLY_ONE_KIND = ("mostly_free", "mostly_embedded")
 SIZES = (1, 2, 1023, COMPACT_BLOCK, COMPACT_BLOCK + 1, 4097, 100_003)
 CASES = (
     [(n, mix, 10, torch.float32, torch.float32) for n in SIZES for mix in MIXES]
-    + [(n, "mixed", modes, torch.float32, torch.float32) for modes in (1, 254) for n in (2, 4097)]
+    # 16 and 17 modes: the C++ forward's last table in two registers, and its first gathered one.
+    + [(n, "mixed", modes, torch.float32, torch.float32) for modes in (1, 16, 17, 254) for n in (2, 4097)]
     + [(4097, "mixed", 10, torch.float32, coef) for coef in (torch.bfloat16, torch.float16)]
     + [(4097, "mixed", 10, dtype, dtype) for dtype in (torch.bfloat16, torch.float16)]
     + [(100_003, "all_embedded", 254, torch.bfloat16, torch.bfloat16)]
