@@ -1,8 +1,9 @@
 """Microbenchmarks of the ops (pytest-benchmark): reconstruct forward, backward, reconstruct_sma_, the
-compact layout's backward fused with the sensitivity update (compact_backward_sensitivity_), the
-same from the layers' gradients read in place (compact_backward_pieces_sensitivity_: 16 pieces), the
-same with the online refit's snapshot fused in (compact_backward_pieces_refit_), the online refit's
-moment update alone (refit_update_) and the sensitivity of dense tensors before the model is laid out
+compact layout's forward (compact_forward: what STDET's model computes in each training forward), its
+backward fused with the sensitivity update (compact_backward_sensitivity_), the same from the
+layers' gradients read in place (compact_backward_pieces_sensitivity_: 16 pieces), the same with the
+online refit's snapshot fused in (compact_backward_pieces_refit_), the online refit's moment update
+alone (refit_update_) and the sensitivity of dense tensors before the model is laid out
 (sensitivity_update_: 16 tensors, one launch).
 
 Providers: ``cpp`` (the C++ backend through the public API), ``torch`` (the eager reference),
@@ -29,6 +30,7 @@ OPS = (
     "forward",
     "backward",
     "reconstruct_sma_",
+    "compact_forward",
     "compact_backward_sensitivity_",
     "compact_backward_pieces_sensitivity_",
     "compact_backward_pieces_refit_",
@@ -42,6 +44,8 @@ BYTES_PER_ELEMENT = {
     "forward": 4 * 3 + 1 + 4,  # read value, code, a, b; write w
     "backward": 4 + 1 + 4 + 4,  # read grad, code, a; write dL/dvalue (dL/drefs is 40 bytes)
     "reconstruct_sma_": 4 * 4 + 1 + 4 * 2,  # read value, code, a, b, sma; write w, sma
+    # read code, free_values (the FREE half), a and b (the other half); write w
+    "compact_forward": 1 + (4 + 4 + 4) // 2 + 4,
     # read grad, code, a (half the elements), free_values and sensitivity (the other half); write
     # dL/dfree_values and sensitivity (the FREE half)
     "compact_backward_sensitivity_": 4 + 1 + (4 + 4 + 4 + 4 + 4) // 2,
@@ -134,6 +138,17 @@ def _operation(op: str, provider: str, x: dict[str, torch.Tensor]):
         return lambda: function(*compact, 0.9, False)
     if provider == "cpp_unfused":
         pytest.skip("cpp_unfused: only for the fused backwards")
+    if op == "compact_forward":
+        free_values, offsets, a, b = stdet_kernels.pack(x["value"], x["code"], x["a"], x["b"])
+        layout = (free_values, x["code"], offsets, a, b, x["refs"])
+        if provider == "cpp":
+            return lambda: stdet_kernels.reconstruct_compact(*layout)
+        function = (
+            reference.reconstruct_compact
+            if provider == "torch"
+            else _compiled_reference("reconstruct_compact")
+        )
+        return lambda: function(*layout)
     if provider == "cpp":
         if op == "forward":
             return lambda: stdet_kernels.reconstruct(*args)

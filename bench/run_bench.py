@@ -70,16 +70,9 @@ def rows(benchmarks: list[dict], ceilings: dict[tuple, float]) -> list[dict]:
                 "malloc_mmap_threshold": bench["extra_info"]["malloc_mmap_threshold"],
             }
         )
-    order = {
-        "forward": 0,
-        "backward": 1,
-        "reconstruct_sma_": 2,
-        "compact_backward_sensitivity_": 3,
-        "compact_backward_pieces_sensitivity_": 4,
-        "compact_backward_pieces_refit_": 5,
-        "refit_update_": 6,
-        "sensitivity_update_": 7,
-    }
+    from bench_ops import OPS  # the ops in the benchmark's order
+
+    order = {op: k for k, op in enumerate(OPS)}
     providers = {"cpp": 0, "cpp_unfused": 1, "torch": 2, "torch_compile": 3, "copy": 4}
     return sorted(result, key=lambda r: (order[r["op"]], r["n"], providers[r["provider"]]))
 
