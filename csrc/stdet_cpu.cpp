@@ -503,8 +503,8 @@ template <typename coef_t, bool kWithAverage>
 __attribute__((target("avx2,popcnt"))) int64_t reconstruct_mixed_avx2(
     const float* __restrict__ free_values, int64_t& free_slot, const uint8_t* __restrict__ code,
     const coef_t* __restrict__ a, const coef_t* __restrict__ b, int64_t& embedded_slot,
-    int64_t embedded_total, const float* __restrict__ table, int64_t num_modes, float* __restrict__ out, float* __restrict__ sma, float alpha, int64_t begin,
-    int64_t end) {
+    int64_t embedded_total, const float* __restrict__ table, int64_t num_modes,
+    float* __restrict__ out, float* __restrict__ sma, float alpha, int64_t begin, int64_t end) {
   const __m128i free_code = _mm_set1_epi8(static_cast<char>(stdet::kFree));
   // Up to 16 modes (the default is 10) the references are two registers and a code's is a permute
   // by its low 3 bits, blended by bit 3: a gather costs several times as much. FREE and DUMMY codes
