@@ -50,6 +50,9 @@ STATES = {
     "80% embedded": (0.8, True),
     "80% embedded, not tracking": (0.8, False),
     "90% embedded": (0.9, True),
+    # max_embedded with the defaults: from there on (all but the first few thousand steps of a long
+    # run) STDET never tracks the sensitivity again.
+    "90% embedded, not tracking": (0.9, False),
     # With release=True (not the default), after the lr drop (the LIC schedule's last 10-15%): 80%
     # embedded, then everything released to FREE; no refit, no tracking, the weights are views of
     # free_values.

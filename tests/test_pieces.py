@@ -257,3 +257,29 @@ def test_shaped_views_are_the_flat_views_reshaped() -> None:
     assert torch.equal(free_values.grad, expected_free)
     with pytest.raises(ValueError, match="^shapes: expected"):
         stdet_kernels.reconstruct_compact_pieces(*compact, sizes, shapes=[(s + 1,) for s in sizes])
+
+
+@pytest.mark.parametrize("with_sma", [False, True], ids=["plain", "with SMA"])
+def test_the_eager_path_matches_the_custom_ops_and_bumps_what_they_mutate(monkeypatch, with_sma) -> None:
+    """In eager mode the pieces path calls the ops' bodies directly (no dispatcher round trip): the
+    same bits as through the custom ops, and the same version bumps of the tensors written in place
+    (the SMA average, the sensitivity), which autograd's saved-tensor checks rely on."""
+    import stdet_kernels.compact as compact_module
+
+    compact, sizes, grads, sensitivity = _problem((4097, "mixed", 10, F32, F32))
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(compact_module, "_eager", lambda code, eager=eager: eager)
+        running = sensitivity.clone()
+        options = {"sensitivity": running}
+        if with_sma:
+            options.update(sma=torch.zeros(4097), alpha=0.5)
+        versions = {name: options[name]._version for name in ("sensitivity", "sma") if name in options}
+        w, grad_free, grad_refs = _run_pieces(Target("cpp", "cpu"), compact, sizes, grads, **options)
+        bumps = {name: options[name]._version - v for name, v in versions.items()}
+        extra = [options["sma"]] if with_sma else []
+        results.append(([w, grad_free, grad_refs, running, *extra], bumps))
+    (eager_tensors, eager_bumps), (op_tensors, op_bumps) = results
+    for ours, theirs in zip(eager_tensors, op_tensors, strict=True):
+        assert torch.equal(ours, theirs)
+    assert eager_bumps == op_bumps and all(bump >= 1 for bump in op_bumps.values()), (eager_bumps, op_bumps)
