@@ -111,10 +111,12 @@ def _check_args(
 def _eager(code: Tensor) -> bool:
     """Whether the pieces path calls its kernels' bodies directly rather than through their custom
     ops: in eager mode with plain tensors (not under torch.compile, which traces the ops, nor on
-    fake tensors). The dispatcher's round trip costs 25-55 us per call on a CPU, and in a training
-    step, caches cold, 0.1 ms in the forward and 0.25 ms in the backward of the small factorized
-    model: about what its kernels take."""
-    return type(code) is Tensor and not torch.compiler.is_compiling()
+    fake tensors, nor under a dispatch mode such as make_fx's). The dispatcher's round trip costs
+    25-55 us per call on a CPU, and in a training step, caches cold, 0.1 ms in the forward and
+    0.25 ms in the backward of the small factorized model: about what its kernels take."""
+    if torch.compiler.is_compiling():
+        return False
+    return type(code) is Tensor and torch._C._len_torch_dispatch_stack() == 0  # (no dispatch mode)
 
 
 def _check_layout(code: Tensor, offsets: Tensor, free_count: int) -> None:
@@ -194,7 +196,9 @@ def _reconstruct_compact_op(
     return _reconstruct_compact_kernel(free_values, code, offsets, a, b, refs)
 
 
-def _reconstruct_compact_kernel(free_values, code, offsets, a, b, refs) -> Tensor:
+def _reconstruct_compact_kernel(
+    free_values: Tensor, code: Tensor, offsets: Tensor, a: Tensor, b: Tensor, refs: Tensor
+) -> Tensor:
     """stdet::reconstruct_compact's body (its checks cached per version of code and offsets)."""
     check_code_modes(code, refs.numel())
     _check_layout(code, offsets, free_values.numel())
@@ -298,8 +302,8 @@ def _compact_backward(
             None if refit is None else refit.arguments(),
         )  # fmt: skip
         written = () if refit is None else refit.arguments()[:3]
-        written += () if sensitivity is None else (sensitivity,)
-        torch.autograd.graph.increment_version(written)  # (what the ops' dispatch does for a mutation)
+        for tensor in written if sensitivity is None else (*written, sensitivity):
+            torch.autograd.graph.increment_version(tensor)  # (what the ops' dispatch does for a mutation)
         if refit is not None:
             refit.done = True
         return result
@@ -520,7 +524,16 @@ def _reconstruct_compact_sma_op(
     return _reconstruct_compact_sma_kernel(free_values, code, offsets, a, b, refs, sma, alpha)
 
 
-def _reconstruct_compact_sma_kernel(free_values, code, offsets, a, b, refs, sma, alpha) -> Tensor:
+def _reconstruct_compact_sma_kernel(
+    free_values: Tensor,
+    code: Tensor,
+    offsets: Tensor,
+    a: Tensor,
+    b: Tensor,
+    refs: Tensor,
+    sma: Tensor,
+    alpha: float,
+) -> Tensor:
     """stdet::reconstruct_compact_sma_'s body."""
     check_code_modes(code, refs.numel())
     _check_layout(code, offsets, free_values.numel())

@@ -259,26 +259,43 @@ def test_shaped_views_are_the_flat_views_reshaped() -> None:
         stdet_kernels.reconstruct_compact_pieces(*compact, sizes, shapes=[(s + 1,) for s in sizes])
 
 
-@pytest.mark.parametrize("with_sma", [False, True], ids=["plain", "with SMA"])
-def test_the_eager_path_matches_the_custom_ops_and_bumps_what_they_mutate(monkeypatch, with_sma) -> None:
+@pytest.mark.parametrize(
+    "extras",
+    [(), ("sensitivity",), ("sensitivity", "sma"), ("refit",), ("sensitivity", "refit")],
+    ids=["plain", "sensitivity", "sensitivity and SMA", "refit", "sensitivity and refit"],
+)
+def test_the_eager_path_matches_the_custom_ops_and_bumps_what_they_mutate(monkeypatch, extras) -> None:
     """In eager mode the pieces path calls the ops' bodies directly (no dispatcher round trip): the
     same bits as through the custom ops, and the same version bumps of the tensors written in place
-    (the SMA average, the sensitivity), which autograd's saved-tensor checks rely on."""
+    (the SMA average, the sensitivity, the refit's moments), which autograd's saved-tensor checks
+    rely on."""
     import stdet_kernels.compact as compact_module
 
     compact, sizes, grads, sensitivity = _problem((4097, "mixed", 10, F32, F32))
+    free = compact[0].numel()
+    generator = torch.Generator().manual_seed(5)
+    moments = [torch.randn(free, generator=generator) for _ in range(3)]
+    moments[1] = moments[1].abs()
+    element_mode = torch.randint(0, 10, (free,), generator=generator, dtype=torch.uint8)
+    deviation = torch.randn(10, generator=generator)
     results = []
     for eager in (True, False):
         monkeypatch.setattr(compact_module, "_eager", lambda code, eager=eager: eager)
-        running = sensitivity.clone()
-        options = {"sensitivity": running}
-        if with_sma:
+        options, written = {}, {}
+        if "sensitivity" in extras:
+            options["sensitivity"] = written["sensitivity"] = sensitivity.clone()
+        if "sma" in extras:
             options.update(sma=torch.zeros(4097), alpha=0.5)
-        versions = {name: options[name]._version for name in ("sensitivity", "sma") if name in options}
-        w, grad_free, grad_refs = _run_pieces(Target("cpp", "cpu"), compact, sizes, grads, **options)
-        bumps = {name: options[name]._version - v for name, v in versions.items()}
-        extra = [options["sma"]] if with_sma else []
-        results.append(([w, grad_free, grad_refs, running, *extra], bumps))
+            written["sma"] = options["sma"]
+        if "refit" in extras:
+            refit = stdet_kernels.RefitSnapshot(*(m.clone() for m in moments), element_mode, deviation, 2)
+            options["refit"] = refit
+            written.update(zip(("mean", "moment2", "comoment"), refit.arguments()[:3], strict=True))
+        versions = {name: tensor._version for name, tensor in written.items()}
+        outputs = _run_pieces(Target("cpp", "cpu"), compact, sizes, grads, **options)
+        bumps = {name: tensor._version - versions[name] for name, tensor in written.items()}
+        assert "refit" not in options or options["refit"].done
+        results.append(([*outputs, *written.values()], bumps))
     (eager_tensors, eager_bumps), (op_tensors, op_bumps) = results
     for ours, theirs in zip(eager_tensors, op_tensors, strict=True):
         assert torch.equal(ours, theirs)

@@ -219,6 +219,37 @@ def test_a_frozen_layer_keeps_a_zero_sensitivity_before_the_first_round(per_tens
     hooked.remove()
 
 
+def test_outside_the_window_the_hook_is_off_and_gradients_are_handed_over() -> None:
+    """The one hook holds every gradient until the last arrives, which makes autograd copy them into
+    ``.grad``: it is registered only while the sensitivity is tracked, so a backward outside the
+    window is plain training's (``.grad`` is the gradient autograd computed, not a copy)."""
+    model, _, st = _setup(stdet.STDETConfig(**CONFIG))
+    params = [model.get_parameter(n) for n in st.names]
+    hooked = HookedSensitivity(st._layer_tensors())
+
+    def handed_over() -> list[bool]:
+        arrived = {}
+        handles = [
+            p.register_hook(lambda g, k=k: arrived.__setitem__(k, g.data_ptr())) for k, p in enumerate(params)
+        ]
+        for p in params:
+            p.grad = None
+        _rd_loss(model, _batch(0)).backward()
+        for handle in handles:
+            handle.remove()
+        return [p.grad.data_ptr() == arrived[k] for k, p in enumerate(params)]
+
+    assert all(handed_over()) and hooked.sensitivity.abs().sum() == 0
+    hooked.track_sensitivity = (0.5, "taylor")
+    assert not all(handed_over()) and hooked.sensitivity.abs().sum() > 0
+    hooked.track_sensitivity = None
+    assert all(handed_over())
+    hooked.remove()
+    hooked.track_sensitivity = (0.5, "taylor")  # removed: tracking again adds no hook
+    before = hooked.sensitivity.clone()
+    assert all(handed_over()) and torch.equal(hooked.sensitivity, before)
+
+
 def test_a_release_before_the_first_round_leaves_the_plain_model() -> None:
     model, optimizer, st = _setup(stdet.STDETConfig(**CONFIG, release=True))
     _train(model, optimizer, st, range(22))

@@ -15,6 +15,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+import stdet_kernels
 from stdet_kernels.compact import check_sensitivity_update, sensitivity_update_unchecked_
 
 
@@ -27,36 +28,51 @@ class HookedSensitivity:
     backward has computed their gradients. A hook per tensor (`per_tensor`) updates each while its
     gradient is still in cache, but measured no cheaper on a CPU (2 threads, 200 steps interleaved:
     mbt2018-mean +0.7 ms per step for the one launch, SE 0.6; the small factorized model -1.1 ms,
-    SE 0.5), and on a GPU it is a launch per layer.
+    SE 0.5), and on a GPU it is a launch per layer. The one hook holds each gradient until the last
+    arrives, so autograd copies them into ``.grad`` rather than handing them over: it is registered
+    only while `track_sensitivity` is set (the window before a round), and outside it a backward is
+    plain training's.
     """
 
     def __init__(self, tensors: list[nn.Parameter], per_tensor: bool = False) -> None:
         device = tensors[0].device
         self.sensitivity = torch.zeros(sum(t.numel() for t in tensors), dtype=torch.float32, device=device)
-        self.track_sensitivity: tuple[float, str] | None = None
         self._tensors = list(tensors)
         pieces = self.sensitivity.split_with_sizes([t.numel() for t in tensors])
         self._pieces = [piece.view(t.shape) for piece, t in zip(pieces, tensors, strict=True)]
         self.per_tensor = per_tensor
         # Checked once here (a gradient has its tensor's shape, dtype and device): the hooks then call
-        # the kernel without the checks and the op's dispatch, which cost more than the kernel when
-        # called once per layer.
+        # the kernel without the checks and the op's dispatch, which cost about as much as the kernel
+        # in every backward (mbt2018-mean's 28 layers, 2 CPU threads).
         values = [t.detach() for t in self._tensors]
         check_sensitivity_update(self._pieces, values, values)
-        if self.per_tensor:
+        self._trained = [k for k, tensor in enumerate(self._tensors) if tensor.requires_grad]
+        self._handles: list = []
+        self._tracking: tuple[float, str] | None = None
+        self._removed = False
+        if self.per_tensor:  # (a frozen tensor gets no gradient: its sensitivity stays 0)
             self._handles = [
-                tensor.register_hook(partial(self._update_one, tensor, piece))
-                for tensor, piece in zip(self._tensors, self._pieces, strict=True)
-                if tensor.requires_grad  # (a frozen tensor gets no gradient: its sensitivity stays 0)
+                self._tensors[k].register_hook(partial(self._update_one, self._tensors[k], self._pieces[k]))
+                for k in self._trained
             ]
-        else:
-            self._trained = [k for k, tensor in enumerate(self._tensors) if tensor.requires_grad]
+
+    @property
+    def track_sensitivity(self) -> tuple[float, str] | None:
+        """(decay, measure) while the backward updates the sensitivity, else None."""
+        return self._tracking
+
+    @track_sensitivity.setter
+    def track_sensitivity(self, tracking: tuple[float, str] | None) -> None:
+        self._tracking = tracking
+        if self.per_tensor or self._removed:
+            return
+        if tracking is not None and not self._handles and self._trained:
             trained = [self._tensors[k] for k in self._trained]
-            self._handles = (
-                [torch.autograd.graph.register_multi_grad_hook(trained, self._update_all, mode="all")]
-                if trained
-                else []
-            )
+            self._handles = [
+                torch.autograd.graph.register_multi_grad_hook(trained, self._update_all, mode="all")
+            ]
+        elif tracking is None:
+            self._remove_handles()
 
     def _update_one(self, tensor: Tensor, running: Tensor, grad: Tensor) -> None:
         """One tensor's gradient hook: its scores into the running means, one fused pass."""
@@ -73,17 +89,21 @@ class HookedSensitivity:
             return
         decay, measure = self.track_sensitivity
         present = [(k, grad) for k, grad in zip(self._trained, grads, strict=True) if grad is not None]
+        sensitivities = [self._pieces[k] for k, _ in present]
+        grads = [grad for _, grad in present]
+        values = [self._tensors[k].detach() for k, _ in present]
         with torch.no_grad():
-            sensitivity_update_unchecked_(
-                [self._pieces[k] for k, _ in present],
-                [grad for _, grad in present],
-                [self._tensors[k].detach() for k, _ in present],
-                decay,
-                measure == "fisher",
-            )
+            if torch.compiler.is_compiling():  # (compiled autograd traces the hook: the op, checked)
+                stdet_kernels.sensitivity_update_(sensitivities, grads, values, decay, measure)
+            else:
+                sensitivity_update_unchecked_(sensitivities, grads, values, decay, measure == "fisher")
 
     def remove(self) -> None:
         """Take the hooks off the tensors (the layout's backward tracks the sensitivity from here)."""
+        self._removed = True
+        self._remove_handles()
+
+    def _remove_handles(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
