@@ -379,7 +379,7 @@ def _pieces_backward_kernel(
     sensitivity: Tensor | None = None,
     decay: float = DEFAULT_DECAY,
     measure: str = DEFAULT_MEASURE,
-    refit: tuple | None = None,
+    refit: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The body of the three pieces backward ops: plain, with the sensitivity's update (`sensitivity`
     given), with the refit's snapshot (`refit`: its moments, modes, deviations and count)."""
@@ -510,20 +510,6 @@ def _elements_of(grads: tuple[Tensor | None, ...], sizes: list[int], index: Tens
     return result
 
 
-@torch.library.custom_op("stdet::reconstruct_compact_sma_", mutates_args=("sma",))
-def _reconstruct_compact_sma_op(
-    free_values: Tensor,
-    code: Tensor,
-    offsets: Tensor,
-    a: Tensor,
-    b: Tensor,
-    refs: Tensor,
-    sma: Tensor,
-    alpha: float,
-) -> Tensor:
-    return _reconstruct_compact_sma_kernel(free_values, code, offsets, a, b, refs, sma, alpha)
-
-
 def _reconstruct_compact_sma_kernel(
     free_values: Tensor,
     code: Tensor,
@@ -534,11 +520,16 @@ def _reconstruct_compact_sma_kernel(
     sma: Tensor,
     alpha: float,
 ) -> Tensor:
-    """stdet::reconstruct_compact_sma_'s body."""
+    """stdet::reconstruct_compact_sma_'s body (called directly by the eager pieces path)."""
     check_code_modes(code, refs.numel())
     _check_layout(code, offsets, free_values.numel())
     tensors = (free_values, code, offsets, a, b, refs)
     return run_kernel("reconstruct_compact_sma_", code.device, tensors, sma, alpha)
+
+
+_reconstruct_compact_sma_op = torch.library.custom_op(
+    "stdet::reconstruct_compact_sma_", _reconstruct_compact_sma_kernel, mutates_args=("sma",)
+)
 
 
 @_reconstruct_compact_sma_op.register_fake
