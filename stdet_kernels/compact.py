@@ -296,35 +296,33 @@ def _compact_backward(
     dL/dw, or with `sizes` the list of its pieces (the pieces ops read them in place). With `refit`
     (pieces only), the refit's snapshot in the same pass, and the snapshot marked done."""
     code, offsets, a, refs = layout
-    if sizes is not None and _eager(code):
-        result = _pieces_backward_kernel(
-            grad, sizes, free_values, code, offsets, a, refs, sensitivity, decay, measure,
-            None if refit is None else refit.arguments(),
-        )  # fmt: skip
-        written = () if refit is None else refit.arguments()[:3]
-        for tensor in written if sensitivity is None else (*written, sensitivity):
-            torch.autograd.graph.increment_version(tensor)  # (what the ops' dispatch does for a mutation)
-        if refit is not None:
-            refit.done = True
-        return result
-    if refit is not None:
-        result = _reconstruct_compact_backward_pieces_refit_op(
-            grad, sizes, free_values, code, offsets, a, refs, sensitivity, decay, measure,
-            *refit.arguments(),
-        )  # fmt: skip
-        refit.done = True
-        return result
-    if sizes is None:
+    if sizes is None and refit is None:
         if sensitivity is None:
             return _reconstruct_compact_backward_op(grad, code, offsets, a, refs)
         return _reconstruct_compact_backward_sensitivity_op(
             grad, free_values, code, offsets, a, refs, sensitivity, decay, measure
         )
-    if sensitivity is None:
-        return _reconstruct_compact_backward_pieces_op(grad, sizes, code, offsets, a, refs)
-    return _reconstruct_compact_backward_pieces_sensitivity_op(
-        grad, sizes, free_values, code, offsets, a, refs, sensitivity, decay, measure
-    )
+    refit_arguments = None if refit is None else refit.arguments()
+    if sizes is not None and _eager(code):
+        result = _pieces_backward_kernel(
+            grad, sizes, free_values, *layout, sensitivity, decay, measure, refit_arguments
+        )
+        written = () if refit is None else refit_arguments[:3]
+        for tensor in written if sensitivity is None else (*written, sensitivity):
+            torch.autograd.graph.increment_version(tensor)  # (what the ops' dispatch does for a mutation)
+    elif refit is not None:
+        result = _reconstruct_compact_backward_pieces_refit_op(
+            grad, sizes, free_values, *layout, sensitivity, decay, measure, *refit_arguments
+        )
+    elif sensitivity is None:
+        result = _reconstruct_compact_backward_pieces_op(grad, sizes, *layout)
+    else:
+        result = _reconstruct_compact_backward_pieces_sensitivity_op(
+            grad, sizes, free_values, *layout, sensitivity, decay, measure
+        )
+    if refit is not None:
+        refit.done = True
+    return result
 
 
 def _save_for_backward(
@@ -790,8 +788,12 @@ def sensitivity_update_(
 def sensitivity_update_unchecked_(
     sensitivities: list[Tensor], grads: list[Tensor], values: list[Tensor], decay: float, fisher: bool
 ) -> None:
-    """`sensitivity_update_` without the checks and the custom op's dispatch, eager only: for
+    """`sensitivity_update_` without the checks and, in eager mode, the custom op's dispatch: for
     gradient hooks whose tensors were checked once when they were registered
     (`check_sensitivity_update`). Called in every backward, the checks of mbt2018-mean's 28 layers
-    cost about as much as the kernel (2 CPU threads)."""
+    cost about as much as the kernel (2 CPU threads). Under torch.compile (compiled autograd traces
+    the hooks) it is the custom op, which the tracer can take."""
+    if torch.compiler.is_compiling():
+        _sensitivity_update_op(list(grads), list(values), list(sensitivities), decay, fisher)
+        return
     run_grouped("sensitivity_update_", (grads, values, sensitivities), 2, decay, fisher)

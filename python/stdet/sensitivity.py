@@ -15,7 +15,6 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-import stdet_kernels
 from stdet_kernels.compact import check_sensitivity_update, sensitivity_update_unchecked_
 
 
@@ -49,7 +48,6 @@ class HookedSensitivity:
         self._trained = [k for k, tensor in enumerate(self._tensors) if tensor.requires_grad]
         self._handles: list = []
         self._tracking: tuple[float, str] | None = None
-        self._removed = False
         if self.per_tensor:  # (a frozen tensor gets no gradient: its sensitivity stays 0)
             self._handles = [
                 self._tensors[k].register_hook(partial(self._update_one, self._tensors[k], self._pieces[k]))
@@ -64,7 +62,7 @@ class HookedSensitivity:
     @track_sensitivity.setter
     def track_sensitivity(self, tracking: tuple[float, str] | None) -> None:
         self._tracking = tracking
-        if self.per_tensor or self._removed:
+        if self.per_tensor:
             return
         if tracking is not None and not self._handles and self._trained:
             trained = [self._tensors[k] for k in self._trained]
@@ -89,18 +87,18 @@ class HookedSensitivity:
             return
         decay, measure = self.track_sensitivity
         present = [(k, grad) for k, grad in zip(self._trained, grads, strict=True) if grad is not None]
-        sensitivities = [self._pieces[k] for k, _ in present]
-        grads = [grad for _, grad in present]
-        values = [self._tensors[k].detach() for k, _ in present]
         with torch.no_grad():
-            if torch.compiler.is_compiling():  # (compiled autograd traces the hook: the op, checked)
-                stdet_kernels.sensitivity_update_(sensitivities, grads, values, decay, measure)
-            else:
-                sensitivity_update_unchecked_(sensitivities, grads, values, decay, measure == "fisher")
+            sensitivity_update_unchecked_(
+                [self._pieces[k] for k, _ in present],
+                [grad for _, grad in present],
+                [self._tensors[k].detach() for k, _ in present],
+                decay,
+                measure == "fisher",
+            )
 
     def remove(self) -> None:
         """Take the hooks off the tensors (the layout's backward tracks the sensitivity from here)."""
-        self._removed = True
+        self._trained = []  # (no hook comes back when tracking is set again)
         self._remove_handles()
 
     def _remove_handles(self) -> None:
