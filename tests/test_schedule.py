@@ -219,35 +219,98 @@ def test_a_frozen_layer_keeps_a_zero_sensitivity_before_the_first_round(per_tens
     hooked.remove()
 
 
-def test_outside_the_window_the_hook_is_off_and_gradients_are_handed_over() -> None:
-    """The one hook holds every gradient until the last arrives, which makes autograd copy them into
-    ``.grad``: it is registered only while the sensitivity is tracked, so a backward outside the
-    window is plain training's (``.grad`` is the gradient autograd computed, not a copy)."""
+def _handed_over(model, params) -> list[bool]:
+    """Whether each tensor's ``.grad`` after a backward is the gradient autograd computed, not a copy."""
+    arrived = {}
+    handles = [
+        p.register_hook(lambda g, k=k: arrived.__setitem__(k, g.data_ptr())) for k, p in enumerate(params)
+    ]
+    for p in params:
+        p.grad = None
+    _rd_loss(model, _batch(0)).backward()
+    for handle in handles:
+        handle.remove()
+    return [p.grad.data_ptr() == arrived[k] for k, p in enumerate(params)]
+
+
+def test_the_hooks_hand_the_gradients_over_and_read_them_from_grad_at_the_backward_end() -> None:
+    """Holding the gradients would make autograd copy them into ``.grad``: tracking or not, a
+    backward's gradients are handed over, and the one update reads them there."""
     model, _, st = _setup(stdet.STDETConfig(**CONFIG))
     params = [model.get_parameter(n) for n in st.names]
     hooked = HookedSensitivity(st._layer_tensors())
-
-    def handed_over() -> list[bool]:
-        arrived = {}
-        handles = [
-            p.register_hook(lambda g, k=k: arrived.__setitem__(k, g.data_ptr())) for k, p in enumerate(params)
-        ]
-        for p in params:
-            p.grad = None
-        _rd_loss(model, _batch(0)).backward()
-        for handle in handles:
-            handle.remove()
-        return [p.grad.data_ptr() == arrived[k] for k, p in enumerate(params)]
-
-    assert all(handed_over()) and hooked.sensitivity.abs().sum() == 0
+    assert all(_handed_over(model, params)) and hooked.sensitivity.abs().sum() == 0
     hooked.track_sensitivity = (0.5, "taylor")
-    assert not all(handed_over()) and hooked.sensitivity.abs().sum() > 0
+    values = torch.cat([p.detach().reshape(-1) for p in params])
+    assert all(_handed_over(model, params))
+    grad = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.testing.assert_close(hooked.sensitivity, 0.5 * (grad * values).abs(), rtol=1e-6, atol=0)
     hooked.track_sensitivity = None
-    assert all(handed_over())
+    before = hooked.sensitivity.clone()
+    assert all(_handed_over(model, params)) and torch.equal(hooked.sensitivity, before)
     hooked.remove()
     hooked.track_sensitivity = (0.5, "taylor")  # removed: tracking again adds no hook
-    before = hooked.sensitivity.clone()
-    assert all(handed_over()) and torch.equal(hooked.sensitivity, before)
+    assert all(_handed_over(model, params)) and torch.equal(hooked.sensitivity, before)
+
+
+def test_where_grad_will_not_be_the_backwards_own_gradient_the_hooks_hold_it(monkeypatch) -> None:
+    """Accumulation (an earlier gradient in ``.grad``), ``torch.autograd.grad`` (no ``.grad``) and
+    torch.distributed (DDP may average ``.grad`` in place): each backward still scores its own
+    gradient; a hook that takes ``.grad`` away is an error, not a silent skip."""
+    model, _, st = _setup(stdet.STDETConfig(**CONFIG))
+    params = [model.get_parameter(n) for n in st.names]
+    values = torch.cat([p.detach().reshape(-1) for p in params])
+    hooked = HookedSensitivity(st._layer_tensors())
+    hooked.track_sensitivity = (0.5, "fisher")
+    torch.manual_seed(0)
+    _rd_loss(model, _batch(0)).backward()
+    first = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.manual_seed(1)
+    _rd_loss(model, _batch(1)).backward()  # accumulates into .grad
+    second = torch.cat([p.grad.reshape(-1) for p in params]) - first
+    expected = 0.5 * (0.5 * first * first) + 0.5 * second * second
+    torch.testing.assert_close(hooked.sensitivity, expected, rtol=1e-5, atol=1e-12)
+
+    hooked.sensitivity.zero_()
+    for p in params:
+        p.grad = None
+    grads = torch.autograd.grad(_rd_loss(model, _batch(2)), params)
+    assert all(p.grad is None for p in params)
+    own = torch.cat([g.reshape(-1) for g in grads])
+    torch.testing.assert_close(hooked.sensitivity, 0.5 * own * own, rtol=1e-6, atol=0)
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert not any(_handed_over(model, params))
+    monkeypatch.undo()
+
+    for p in params:
+        p.grad = None
+    handle = params[0].register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    with pytest.raises(RuntimeError, match=r"\.grad"):
+        _rd_loss(model, _batch(3)).backward()
+    handle.remove()
+    assert all(_handed_over(model, params))  # the failed backward left nothing behind
+    hooked.remove()
+    assert values.numel() == hooked.sensitivity.numel()
+
+
+def test_under_compiled_autograd_the_hooks_update_as_in_eager() -> None:
+    model, _, st = _setup(stdet.STDETConfig(**CONFIG))
+    hooked = HookedSensitivity(st._layer_tensors())
+    hooked.track_sensitivity = (0.5, "taylor")
+    x = _batch(0)
+    torch.manual_seed(0)
+    _rd_loss(model, x).backward()
+    eager = hooked.sensitivity.clone()
+    hooked.sensitivity.zero_()
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(0)
+    loss = _rd_loss(model, x)
+    with torch._dynamo.compiled_autograd._enable(torch.compile):  # (traces the hooks)
+        loss.backward()
+    torch.testing.assert_close(hooked.sensitivity, eager, rtol=1e-5, atol=1e-9)
+    hooked.remove()
 
 
 def test_a_release_before_the_first_round_leaves_the_plain_model() -> None:
