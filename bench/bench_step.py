@@ -17,6 +17,9 @@ counted: the stdet op launches of a step, the most of any step of a whole refit 
 
     python bench/bench_step.py            # bench/results/step.md and step.json
     python bench/bench_step.py --quick    # a few steps, to check the script
+    # a focused A/B: fewer cases make shorter rounds, so each pair of steps is closer in time and the
+    # paired SE smaller on a noisy machine (bench/results/step_focus.md unless --name is given)
+    python bench/bench_step.py --models mbt2018-mean --states plain "80% embedded" --steps 400
 """
 
 import argparse
@@ -185,13 +188,22 @@ def launches(case: Case, interval: int) -> int:
     return max(counts)
 
 
-def measure(steps: int, device: str = "cpu", batch_scale: int = 1, interval: int = REFIT_INTERVAL) -> dict:
+def measure(
+    steps: int,
+    device: str = "cpu",
+    batch_scale: int = 1,
+    interval: int = REFIT_INTERVAL,
+    models: list[str] | None = None,
+    states: list[str] | None = None,
+) -> dict:
+    """Each case of `models` x `states` (all by default; plain always, the ratios' reference)."""
     if device == "cpu":
         torch.set_num_threads(2)
     results = {}
     order = random.Random(0)
-    for arch in MODELS:
-        cases = {state: Case(arch, state, device, batch_scale, interval) for state in STATES}
+    states = ["plain", *(s for s in states or STATES if s != "plain")]
+    for arch in models or MODELS:
+        cases = {state: Case(arch, state, device, batch_scale, interval) for state in states}
         rounds = list(cases.values())
         for _ in range(steps):  # interleaved: one step of each case per round, in a shuffled order
             order.shuffle(rounds)
@@ -218,7 +230,13 @@ def measure(steps: int, device: str = "cpu", batch_scale: int = 1, interval: int
 
 
 def report(
-    results: dict, steps: int, device: str = "cpu", batch_scale: int = 1, interval: int = REFIT_INTERVAL
+    results: dict,
+    steps: int,
+    device: str = "cpu",
+    batch_scale: int = 1,
+    interval: int = REFIT_INTERVAL,
+    models: list[str] | None = None,
+    states: list[str] | None = None,
 ) -> str:
     if device == "cpu":
         cpu = platform.processor() or platform.machine()
@@ -232,6 +250,12 @@ def report(
     else:
         where = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
         command = f"python bench/bench_step.py --device {device} --batch-scale {batch_scale}"
+    if steps != 2 * interval:
+        command += f" --steps {steps}"
+    if models:
+        command += " --models " + " ".join(models)
+    if states:
+        command += " --states " + " ".join(f'"{state}"' if " " in state else state for state in states)
     lines = [
         f"Training step, Adam, {where}, `{command}`. Cases interleaved step by step in one process, "
         f"in a shuffled order each round; means over {steps} steps ({steps // interval} whole "
@@ -257,7 +281,9 @@ def report(
             f"{row['trainable']:,} | "
             f"{row['launches']} | {row['page_faults']:.0f} |"
         )
-    lines += ["", *period_means(results)]
+    periods = period_means(results)
+    if periods:
+        lines += ["", *periods]
     return "\n".join(lines) + "\n"
 
 
@@ -268,6 +294,11 @@ def period_means(results: dict) -> list[str]:
     from `max_embedded` on, where it is never tracked again."""
     import stdet
 
+    needed = ("all FREE", "all FREE, not tracking", "80% embedded", "80% embedded, not tracking")
+    needed += ("90% embedded, not tracking",)
+    archs = list(dict.fromkeys(arch for arch, _ in results))
+    if any((arch, state) not in results for arch in archs for state in needed):
+        return []  # a focused run: not every row these means weigh was measured
     embed_every = stdet.STDETConfig().embed_every  # the cases' own is off while timing
     window = next(row["sensitivity_window"] for row in results.values() if row["sensitivity_window"])
     share = window / embed_every
@@ -276,7 +307,7 @@ def period_means(results: dict) -> list[str]:
         f"{embed_every} steps), from the rows above:",
         "",
     ]
-    for arch in MODELS:
+    for arch in archs:
         plain = results[(arch, "plain")]["total"]
         parts = []
         for tracked, untracked in (
@@ -304,16 +335,24 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (the README's table) or cuda")
     parser.add_argument("--batch-scale", type=int, default=1, help="multiply each model's batch")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="a subset of the models")
+    parser.add_argument(
+        "--states", nargs="+", choices=list(STATES), help="a subset of the states (plain is always run)"
+    )
+    parser.add_argument("--name", help="results file name without suffix (default: step, or step_focus)")
     args = parser.parse_args()
     interval = QUICK_INTERVAL if args.quick else REFIT_INTERVAL
     steps = 2 * QUICK_INTERVAL if args.quick else args.steps
     if steps % interval:
         parser.error(f"--steps: expected a multiple of the refit interval, {interval}")
-    results = measure(steps, args.device, args.batch_scale, interval)
-    text = report(results, steps, args.device, args.batch_scale, interval)
+    results = measure(steps, args.device, args.batch_scale, interval, args.models, args.states)
+    text = report(results, steps, args.device, args.batch_scale, interval, args.models, args.states)
     print(text)
     if not args.quick:
         name = "step" if args.device == "cpu" else f"step_gpu_b{args.batch_scale}"
+        if args.models or args.states:
+            name += "_focus"
+        name = args.name or name
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{name}.md").write_text(text)
         rows = [{"arch": arch, "state": state, **row} for (arch, state), row in results.items()]
