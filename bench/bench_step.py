@@ -30,6 +30,7 @@ import random
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -188,22 +189,42 @@ def launches(case: Case, interval: int) -> int:
     return max(counts)
 
 
-def measure(
-    steps: int,
-    device: str = "cpu",
-    batch_scale: int = 1,
-    interval: int = REFIT_INTERVAL,
-    models: list[str] | None = None,
-    states: list[str] | None = None,
-) -> dict:
-    """Each case of `models` x `states` (all by default; plain always, the ratios' reference)."""
+@dataclass(frozen=True)
+class Run:
+    """What one invocation measures: `steps` timed steps per case, a refit every `interval`, the
+    cases `models` x `states` (all by default; plain always, the ratios' reference)."""
+
+    steps: int
+    device: str = "cpu"
+    batch_scale: int = 1
+    interval: int = REFIT_INTERVAL
+    models: list[str] | None = None
+    states: list[str] | None = None
+
+    def command(self) -> str:
+        """The command line that makes this run."""
+        command = "python bench/bench_step.py"
+        if self.device != "cpu":
+            command += f" --device {self.device} --batch-scale {self.batch_scale}"
+        if self.steps != 2 * self.interval:
+            command += f" --steps {self.steps}"
+        if self.models:
+            command += " --models " + " ".join(self.models)
+        if self.states:
+            command += " --states " + " ".join(f'"{s}"' if " " in s else s for s in self.states)
+        return command
+
+
+def measure(run: Run) -> dict:
+    """Each case of `run`, interleaved."""
+    steps, device, interval = run.steps, run.device, run.interval
     if device == "cpu":
         torch.set_num_threads(2)
     results = {}
     order = random.Random(0)
-    states = ["plain", *(s for s in states or STATES if s != "plain")]
-    for arch in models or MODELS:
-        cases = {state: Case(arch, state, device, batch_scale, interval) for state in states}
+    states = ["plain", *(s for s in run.states or STATES if s != "plain")]
+    for arch in run.models or MODELS:
+        cases = {state: Case(arch, state, device, run.batch_scale, interval) for state in states}
         rounds = list(cases.values())
         for _ in range(steps):  # interleaved: one step of each case per round, in a shuffled order
             order.shuffle(rounds)
@@ -229,15 +250,8 @@ def measure(
     return results
 
 
-def report(
-    results: dict,
-    steps: int,
-    device: str = "cpu",
-    batch_scale: int = 1,
-    interval: int = REFIT_INTERVAL,
-    models: list[str] | None = None,
-    states: list[str] | None = None,
-) -> str:
+def report(results: dict, run: Run) -> str:
+    steps, device, batch_scale, interval = run.steps, run.device, run.batch_scale, run.interval
     if device == "cpu":
         cpu = platform.processor() or platform.machine()
         try:
@@ -246,16 +260,10 @@ def report(
             cpu = cpuinfo.get_cpu_info().get("brand_raw", cpu)
         except ImportError:
             pass
-        where, command = f"{cpu}, 2 threads", "python bench/bench_step.py"
+        where = f"{cpu}, 2 threads"
     else:
         where = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-        command = f"python bench/bench_step.py --device {device} --batch-scale {batch_scale}"
-    if steps != 2 * interval:
-        command += f" --steps {steps}"
-    if models:
-        command += " --models " + " ".join(models)
-    if states:
-        command += " --states " + " ".join(f'"{state}"' if " " in state else state for state in states)
+    command = run.command()
     lines = [
         f"Training step, Adam, {where}, `{command}`. Cases interleaved step by step in one process, "
         f"in a shuffled order each round; means over {steps} steps ({steps // interval} whole "
@@ -345,8 +353,9 @@ def main() -> None:
     steps = 2 * QUICK_INTERVAL if args.quick else args.steps
     if steps % interval:
         parser.error(f"--steps: expected a multiple of the refit interval, {interval}")
-    results = measure(steps, args.device, args.batch_scale, interval, args.models, args.states)
-    text = report(results, steps, args.device, args.batch_scale, interval, args.models, args.states)
+    run = Run(steps, args.device, args.batch_scale, interval, args.models, args.states)
+    results = measure(run)
+    text = report(results, run)
     print(text)
     if not args.quick:
         name = "step" if args.device == "cpu" else f"step_gpu_b{args.batch_scale}"

@@ -28,7 +28,7 @@ def test_a_full_run_reports_the_period_means():
     results = {}
     for arch in bench.MODELS:
         results |= rows(arch, bench.STATES)
-    text = bench.report(results, steps=200, interval=50)
+    text = bench.report(results, bench.Run(steps=200, interval=50))
     assert "`python bench/bench_step.py --steps 200`" in text
     assert "Over an embedding period" in text
     assert sum(line.startswith(f"- {arch}:") for arch in bench.MODELS for line in text.splitlines()) == 2
@@ -37,7 +37,7 @@ def test_a_full_run_reports_the_period_means():
 def test_a_focused_run_names_its_subset_and_has_no_period_means():
     states = ["80% embedded", "80% embedded, not tracking"]
     results = rows("mbt2018-mean", ["plain", *states])
-    text = bench.report(results, steps=400, interval=50, models=["mbt2018-mean"], states=states)
+    text = bench.report(results, bench.Run(steps=400, interval=50, models=["mbt2018-mean"], states=states))
     command = '--steps 400 --models mbt2018-mean --states "80% embedded" "80% embedded, not tracking"`'
     assert command in text
     assert "Over an embedding period" not in text
