@@ -21,8 +21,9 @@ import stdet_kernels
 def measure(model: str, state: str, calls: int) -> dict[str, float]:
     """Median ms of each call on `model`'s layout in `state`."""
     torch.set_num_threads(2)
-    layout = bench_step.Case(model, state).st.layout
-    if not layout.attached:
+    st = bench_step.Case(model, state).st
+    layout = None if st is None else st.layout
+    if layout is None or not layout.attached:
         raise SystemExit(f"--state: {state!r} leaves the model unattached (no layout to time)")
     grad = torch.randn(layout.numel)
     out = torch.empty_like(grad)
