@@ -1,12 +1,24 @@
-"""Inputs and comparisons shared by the op tests."""
+"""Inputs and comparisons shared by the op tests, and the loading of the bench scripts they test."""
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from stdet_kernels import DUMMY, FREE, reference
 
 MIXES = ("mixed", "all_free", "all_embedded", "all_dummy")
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """bench/`name`.py as a module (bench/ is no package: its scripts run as ``python bench/x.py``)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass

@@ -1,15 +1,10 @@
 """bench/bench_step.py's report on synthetic rows: the focused A/B (a subset of models and states) names
 itself in its command and leaves out the embedding-period means, whose rows it did not measure. No model."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from helpers import load_bench_script
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "bench_step.py"
-_SPEC = importlib.util.spec_from_file_location("bench_step", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bench)
+bench = load_bench_script("bench_step")
 
 
 def row(total: float) -> dict:

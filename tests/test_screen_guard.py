@@ -1,12 +1,8 @@
 """bench/screen_guard.py's rules and tables, on synthetic probe losses and held-out figures. No model."""
 
-import importlib.util
-from pathlib import Path
+from helpers import load_bench_script
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "screen_guard.py"
-_SPEC = importlib.util.spec_from_file_location("screen_guard", _PATH)
-screen = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(screen)
+screen = load_bench_script("screen_guard")
 
 
 def probe(live, average):

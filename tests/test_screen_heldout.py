@@ -1,24 +1,18 @@
 """bench/screen_heldout.py's summaries and verdict, on synthetic per-photo records. No model."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
-
-_BENCH = Path(__file__).resolve().parents[1] / "bench"
+from helpers import BENCH, load_bench_script
 
 
 @pytest.fixture(scope="module")
 def screen():
-    sys.path.insert(0, str(_BENCH))  # it imports screen_guard as the scripts do
+    sys.path.insert(0, str(BENCH))  # it imports screen_guard as the scripts do
     try:
-        spec = importlib.util.spec_from_file_location("screen_heldout", _BENCH / "screen_heldout.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
+        yield load_bench_script("screen_heldout")
     finally:
-        sys.path.remove(str(_BENCH))
+        sys.path.remove(str(BENCH))
 
 
 def photo(mse, bpp):

@@ -1,17 +1,13 @@
 """The study's pure helpers (bench/study.py): the plan, the lr calibration rule, steps to reach from
 complete runs, and the tables read from synthetic results. No training runs here."""
 
-import importlib.util
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from helpers import load_bench_script
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "study.py"
-_SPEC = importlib.util.spec_from_file_location("study", _PATH)
-study = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(study)
+study = load_bench_script("study")
 
 
 def test_calibrated_lr_is_the_largest_that_still_improves_steadily():
